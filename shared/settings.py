@@ -1,0 +1,161 @@
+"""All configuration, read once from ``UMI_*`` environment variables.
+
+Every service imports :func:`get_settings`; nothing else reads the environment.
+
+Usage::
+
+    from shared.settings import get_settings
+    settings = get_settings()
+    settings.broker_url          # UMI_BROKER_URL
+    settings.llm_url(Role.PLANNER)   # UMI_PLANNER_LLM_URL
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.roles import LLMRole
+
+__all__ = ["ConfigurationError", "Settings", "get_settings", "reset_settings_cache"]
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+DEFAULT_DATABASE_URL = "sqlite:///.umi/umi.db"
+
+
+class ConfigurationError(RuntimeError):
+    """The environment holds a setting that cannot work; the message names it."""
+
+
+class Settings(BaseSettings):
+    """Product settings. Each field ``x`` is read from ``UMI_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="UMI_", extra="ignore", env_ignore_empty=True)
+
+    # --- infrastructure ---------------------------------------------------
+    broker_url: str = DEFAULT_BROKER_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    #: Queue-name prefix; lets several deployments (or test runs) share one vhost.
+    queue_prefix: str = "umi"
+    #: Quorum queues need RabbitMQ >= 3.8; classic durable queues otherwise.
+    quorum_queues: bool = True
+    #: Deliveries of one message before the broker dead-letters it (poison-message cap).
+    delivery_limit: int = Field(default=5, ge=1)
+
+    # --- SGLang servers, one per LLM role ----------------------------------
+    planner_llm_url: str = "http://127.0.0.1:30001"
+    caller_llm_url: str = "http://127.0.0.1:30002"
+    summarizer_llm_url: str = "http://127.0.0.1:30003"
+    #: Sent as ``Authorization: Bearer`` when the SGLang servers run with ``--api-key``.
+    llm_api_key: SecretStr | None = None
+    llm_connect_timeout_s: float = Field(default=5.0, gt=0)
+    llm_read_timeout_s: float = Field(default=120.0, gt=0)
+    llm_max_retries: int = Field(default=4, ge=0)
+    llm_backoff_s: float = Field(default=0.5, ge=0)
+
+    # --- generation (α-UMi defaults, design §2) -----------------------------
+    temperature: float = Field(default=0.5, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=512, ge=1)
+    #: Constrained decoding (planner ends with a Next marker, caller names a listed tool).
+    constrained: bool = True
+
+    # --- tasks ---------------------------------------------------------------
+    max_steps: int = Field(default=12, ge=1)
+    task_timeout_s: float = Field(default=600.0, gt=0)
+    worker_concurrency: int = Field(default=32, ge=1)
+
+    # --- tools ---------------------------------------------------------------
+    tools_mirror: Path | None = None
+    #: Folder of ToolBench tool JSON files (``<Category>/<tool>.json``) for real HTTP calls.
+    tools_http_catalog: Path | None = None
+    #: StableToolBench-compatible ``/virtual`` endpoint.
+    tools_virtual_url: str | None = None
+    tools_virtual_key: SecretStr | None = None
+    tools_rapidapi_key: SecretStr | None = None
+    tools_timeout_s: float = Field(default=30.0, gt=0)
+    #: Hosts (names or IPs) a tool may reach even though they are private/loopback.
+    tools_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    tools_max_retries: int = Field(default=2, ge=0)
+
+    # --- gateway ---------------------------------------------------------------
+    gateway_url: str = "http://127.0.0.1:8000"
+
+    @field_validator("tools_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in {"amqp", "amqps", "pyamqp", "memory"}:
+            raise ValueError(f"must be an amqp:// (RabbitMQ) or memory:// URL, got scheme {scheme!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme.startswith("postgres"):
+            # One driver everywhere: psycopg 3.
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        if not scheme.startswith("sqlite"):
+            raise ValueError(f"must be a sqlite:/// or postgresql:// URL, got scheme {scheme!r}")
+        return value
+
+    @field_validator("planner_llm_url", "caller_llm_url", "summarizer_llm_url", "gateway_url", "tools_virtual_url")
+    @classmethod
+    def _check_http(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError(f"must be an http(s)://host:port URL, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_mirror(self) -> Settings:
+        if self.tools_mirror is not None and not self.tools_mirror.is_file():
+            raise ValueError(f"UMI_TOOLS_MIRROR: file not found: {self.tools_mirror}")
+        return self
+
+    def llm_url(self, role: LLMRole) -> str:
+        """The SGLang base URL for one LLM role."""
+        return {
+            LLMRole.PLANNER: self.planner_llm_url,
+            LLMRole.CALLER: self.caller_llm_url,
+            LLMRole.SUMMARIZER: self.summarizer_llm_url,
+        }[role]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (plus overrides), with readable errors."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            name = f"UMI_{field.upper()}" if err["loc"] else "settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings object (read once)."""
+    return load_settings()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests and ``umi up`` change the environment)."""
+    get_settings.cache_clear()
