@@ -1,1 +1,276 @@
-def main(): print("umi")
+"""The ``umi`` command: run services, the embedded system, the simulator, and submit tasks.
+
+::
+
+    umi up [--port 8000]                       everything in one process (no GPU, no broker)
+    umi worker planner|caller|summarizer|tools [--concurrency N]
+    umi gateway [--host H] [--port P]
+    umi submit "<query>" --tools FILE [--wait]
+    umi sim serve --data FILE [--data FILE ...] --port P [--role planner]
+    umi db upgrade | umi broker declare | umi dlq list
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from shared.db import SchemaOutOfDate
+from shared.roles import LLMRole, StepRole
+from shared.settings import ConfigurationError, get_settings
+
+__all__ = ["main"]
+
+WORKER_ROLES = [role.value for role in (StepRole.PLANNER, StepRole.CALLER, StepRole.SUMMARIZER, StepRole.TOOLS)]
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message says what to fix."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``umi``; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "loglevel", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigurationError, UsageError, SchemaOutOfDate) as exc:
+        print(f"umi: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="umi", description="α-UMi on queues")
+    parser.add_argument("--version", action="version", version=f"umi {version('alpha-umi-queues')}")
+    sub = parser.add_subparsers(required=True, metavar="command")
+
+    up = sub.add_parser("up", help="run the whole system in one process (SQLite, in-process broker, simulator)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--concurrency", type=int, default=8, help="threads per role worker")
+    up.add_argument("--data", type=Path, action="append", help="trajectories the simulator replays")
+    up.add_argument("--loglevel", default="WARNING")
+    up.set_defaults(func=_cmd_up)
+
+    worker = sub.add_parser("worker", help="run one role's worker service")
+    worker.add_argument("role", choices=WORKER_ROLES)
+    worker.add_argument("--concurrency", type=int, default=None, help="threads (default UMI_WORKER_CONCURRENCY)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=_cmd_worker)
+
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--loglevel", default="INFO")
+    gateway.set_defaults(func=_cmd_gateway)
+
+    submit = sub.add_parser("submit", help="submit a task to the gateway")
+    submit.add_argument("query")
+    submit.add_argument("--tools", type=Path, required=True, help="JSON list of compact tool docs (or a record with 'tools')")
+    submit.add_argument("--wait", action="store_true", help="print the trajectory as it happens until the task ends")
+    submit.add_argument("--gateway", default=None, help="gateway URL (default UMI_GATEWAY_URL)")
+    submit.add_argument("--max-steps", type=int, default=None)
+    submit.add_argument("--timeout", type=float, default=None, help="task deadline in seconds")
+    submit.add_argument("--unconstrained", action="store_true", help="turn constrained decoding off for this task")
+    submit.set_defaults(func=_cmd_submit, loglevel="WARNING")
+
+    sim = sub.add_parser("sim", help="the SGLang simulator (stands in for GPU servers; not inference)")
+    sim_sub = sim.add_subparsers(required=True, metavar="action")
+    serve = sim_sub.add_parser("serve", help="serve SGLang's HTTP API, replaying recorded trajectories")
+    serve.add_argument("--data", type=Path, action="append", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument("--role", choices=[r.value for r in LLMRole], default=None, help="serve one role's prompts only")
+    serve.add_argument("--latency", choices=["none", "realistic"], default="none", help="latency model preset")
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--loglevel", default="INFO")
+    serve.set_defaults(func=_cmd_sim_serve)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(required=True, metavar="action")
+    db_sub.add_parser("upgrade", help="apply all migrations").set_defaults(func=_cmd_db_upgrade)
+
+    broker = sub.add_parser("broker", help="message broker")
+    broker_sub = broker.add_subparsers(required=True, metavar="action")
+    broker_sub.add_parser("declare", help="declare exchanges and queues").set_defaults(func=_cmd_broker_declare)
+
+    dlq = sub.add_parser("dlq", help="dead-letter queue")
+    dlq_sub = dlq.add_subparsers(required=True, metavar="action")
+    dlq_list = dlq_sub.add_parser("list", help="show dead letters and why (they stay queued)")
+    dlq_list.add_argument("--limit", type=int, default=20)
+    dlq_list.set_defaults(func=_cmd_dlq_list)
+    return parser
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from shared.embedded import EmbeddedSystem
+
+    system = EmbeddedSystem.start(host=args.host, port=args.port, concurrency=args.concurrency, simulator_data=args.data)
+    print("α-UMi on queues is up (embedded mode):")
+    for line in system.describe():
+        print("  " + line)
+    print(f'Try: .venv/bin/umi submit "<query>" --tools examples/email_validator.tools.json --wait --gateway {system.gateway.url if system.gateway else ""}')
+    _wait_for_signal()
+    system.stop()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        stop.wait(0.5)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from shared.db import ensure_schema_current
+    from shared.topology import Topology
+    from shared.worker import run_worker
+
+    settings = get_settings()
+    ensure_schema_current(settings.database_url)
+    role = StepRole(args.role)
+    app = importlib.import_module(f"services.{role.value}.worker").create_app(settings)
+    with app.connection_for_write() as connection:
+        Topology(settings).declare(connection)  # the whole topology, before consuming
+    run_worker(app, role, settings, concurrency=args.concurrency or settings.worker_concurrency, loglevel=args.loglevel)
+    return 0
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from services.gateway.app import create_app
+
+    uvicorn.run(create_app(get_settings()), host=args.host, port=args.port, log_level=args.loglevel.lower())
+    return 0
+
+
+def _load_tools(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--tools: file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--tools: {path} is not JSON: {exc}") from None
+    if isinstance(data, dict) and "tools" in data:
+        data = data["tools"]
+    if not isinstance(data, list):
+        raise UsageError(f"--tools: {path} must hold a JSON list of tool docs or an object with a 'tools' list")
+    return data
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    gateway = (args.gateway or get_settings().gateway_url).rstrip("/")
+    body: dict[str, Any] = {"query": args.query, "tools": _load_tools(args.tools)}
+    if args.max_steps is not None:
+        body["max_steps"] = args.max_steps
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
+    if args.unconstrained:
+        body["constrained"] = False
+    with httpx.Client(base_url=gateway, timeout=httpx.Timeout(30.0, connect=5.0)) as client:
+        try:
+            response = client.post("/v1/tasks", json=body)
+        except httpx.TransportError as exc:
+            raise UsageError(f"cannot reach the gateway at {gateway}: {exc}") from None
+        if response.status_code != 202:
+            raise UsageError(f"the gateway refused the task ({response.status_code}): {response.text}")
+        task_id = response.json()["id"]
+        print(f"task {task_id} queued")
+        if not args.wait:
+            return 0
+        return _follow_task(client, task_id)
+
+
+def _follow_task(client: httpx.Client, task_id: str) -> int:
+    printed = 0
+    while True:
+        task = client.get(f"/v1/tasks/{task_id}").json()
+        for step in task["steps"][printed:]:
+            if step["index"] > 0:
+                print(f"[{step['index']}] {step['role']}: {step['output']}", flush=True)
+            printed += 1
+        if task["status"] in {"succeeded", "gave_up", "failed", "cancelled"}:
+            print(f"status: {task['status']}" + (f" ({task['end_reason']})" if task.get("end_reason") else ""))
+            if task.get("answer"):
+                print(f"answer: {task['answer']}")
+            if task.get("error"):
+                print(f"error: {task['error']}")
+            return 0 if task["status"] == "succeeded" else 1
+        time.sleep(0.2)
+
+
+def _cmd_sim_serve(args: argparse.Namespace) -> int:
+    from services.simulator import LatencyProfile, SimulatorConfig, run_simulator
+
+    try:
+        config = SimulatorConfig(
+            data=args.data,
+            role=args.role,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            **LatencyProfile.preset(args.latency).model_dump(),
+        )
+    except ValidationError as exc:
+        raise UsageError(f"simulator configuration: {exc}") from None
+    print(f"SGLang SIMULATOR (replays recorded data; not inference) on http://{args.host}:{args.port}", flush=True)
+    run_simulator(config)
+    return 0
+
+
+def _cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    from shared.db import upgrade_schema
+
+    upgrade_schema(get_settings().database_url)
+    print("database schema is up to date")
+    return 0
+
+
+def _cmd_broker_declare(_args: argparse.Namespace) -> int:
+    from kombu import Connection
+
+    from shared.topology import Topology
+
+    settings = get_settings()
+    topology = Topology(settings)
+    with Connection(settings.broker_url) as connection:
+        topology.declare(connection)
+    print("declared: " + ", ".join(queue.name for queue in topology.all_queues()))
+    return 0
+
+
+def _cmd_dlq_list(args: argparse.Namespace) -> int:
+    from kombu import Connection
+
+    from shared.dead_letters import drain_dead_letters
+    from shared.topology import Topology
+
+    settings = get_settings()
+    with Connection(settings.broker_url) as connection:
+        letters = drain_dead_letters(connection, Topology(settings), limit=args.limit)
+    for letter in letters:
+        print(f"{letter.source_queue}: {letter.reason}\n    {letter.body[:200]}")
+    print(f"{len(letters)} dead letter(s) shown")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

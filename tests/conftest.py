@@ -1,16 +1,77 @@
-"""Shared fixtures. Data paths point into the repo (a fresh clone has no ../shared)."""
+"""Shared fixtures. Data paths point into the repo (a fresh clone has no ../shared).
+
+Tests that need RabbitMQ or PostgreSQL use the real servers on this machine
+(``.ci/run`` starts them when they are down) and fail, never skip, when they
+cannot reach them. Each test session gets its own RabbitMQ vhost and its own
+PostgreSQL database, removed afterwards.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import psycopg
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_DIR = REPO / "tests" / "data" / "toolbench-train-example"
 TRAJECTORIES = REPO / "shared" / "data" / "raw_data_stage_2.json"
+UMI = REPO / ".venv" / "bin" / "umi"
+
+RABBITMQ_HOST = os.environ.get("UMI_TEST_RABBITMQ_HOST", "127.0.0.1:5672")
+POSTGRES_ADMIN_URL = os.environ.get("UMI_TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def load_trajectories() -> list[dict[str, Any]]:
     """The α-UMi example trajectories (raw_data_stage_2.json)."""
     return json.loads(TRAJECTORIES.read_text())
+
+
+def single_chain_indices() -> list[int]:
+    """Trajectories with one user turn: a straight planner→caller→tools→…→end chain."""
+    return [
+        i
+        for i, record in enumerate(load_trajectories())
+        if sum(turn["from"] == "user" for turn in record["conversations"]) == 1
+    ]
+
+
+def _rabbitmqctl(*args: str) -> None:
+    result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed (is RabbitMQ running?): {result.stderr.strip()}")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A fresh vhost on the local RabbitMQ for this test session."""
+    vhost = f"umi-test-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@{RABBITMQ_HOST}/{vhost}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    from shared.db import get_engine, upgrade_schema
+
+    name = f"umi_test_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"cannot reach PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    upgrade_schema(url)
+    yield url
+    get_engine(url).dispose()
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,20 @@
+"""The caller worker service: consumes only the ``umi.caller`` queue and calls the caller's SGLang server.
+
+Run it with ``umi worker caller [--concurrency N]``; start more processes to scale it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from services.caller.handler import handle_caller_job
+from shared.roles import StepRole
+from shared.settings import Settings, get_settings
+from shared.worker import create_worker_app
+
+ROLE = StepRole.CALLER
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """The caller worker's Celery app, consuming ``umi.caller``."""
+    return create_worker_app(ROLE, handle_caller_job, settings or get_settings())

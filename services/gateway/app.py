@@ -1,0 +1,101 @@
+"""The HTTP front door (FastAPI): accept tasks, show their trajectories, cancel them.
+
+The task row (and its step 0, the query) is committed before the ``202`` is
+sent; then the first planner job is published with a broker confirm. If that
+publish fails the task is marked failed and the client gets a ``503``, so no
+accepted task waits forever for a message that was never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request, status
+from sqlalchemy.engine import Engine
+
+from shared import crud
+from shared.celery_app import create_celery_app
+from shared.db import ensure_schema_current, get_engine, session_scope
+from shared.pipeline import Dispatcher
+from shared.roles import StepRole
+from shared.schemas import EndReason, StepJob, TaskAccepted, TaskCreate, TaskPublic, TaskStatus
+from shared.settings import Settings, get_settings
+from shared.topology import Topology
+from shared.worker import CeleryDispatcher
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """The gateway app. Without ``dispatcher`` it publishes through Celery to the configured broker."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ensure_schema_current(settings.database_url)
+        app.state.engine = get_engine(settings.database_url)
+        if dispatcher is None:
+            celery_app = create_celery_app(settings, name="umi.gateway")
+            with celery_app.connection_for_write() as connection:
+                Topology(settings).declare(connection)
+            app.state.dispatcher = CeleryDispatcher(celery_app)
+        else:
+            app.state.dispatcher = dispatcher
+        yield
+
+    app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan)
+
+    @app.post("/v1/tasks", status_code=status.HTTP_202_ACCEPTED, response_model=TaskAccepted)
+    def create_task(task_in: TaskCreate, request: Request) -> TaskAccepted:
+        """Accept a task; the planner takes its first step asynchronously."""
+        engine: Engine = request.app.state.engine
+        with session_scope(engine) as session:
+            task = crud.create_task(
+                session=session,
+                task_in=task_in,
+                max_steps=task_in.max_steps or settings.max_steps,
+                timeout_s=task_in.timeout_s or settings.task_timeout_s,
+                constrained=settings.constrained if task_in.constrained is None else task_in.constrained,
+            )
+        try:
+            request.app.state.dispatcher.dispatch(StepJob(task_id=task.id, step_index=1, role=StepRole.PLANNER))
+        except Exception as exc:
+            logger.exception("task %s: could not enqueue", task.id)
+            with session_scope(engine) as session:
+                stored = crud.get_task(session=session, task_id=task.id, for_update=True)
+                if stored is not None:
+                    crud.finish_task(
+                        task=stored, status=TaskStatus.FAILED, reason=EndReason.ENQUEUE_ERROR, error=f"could not enqueue: {exc}"
+                    )
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the broker did not accept the task: {exc}") from exc
+        return TaskAccepted(id=task.id, status=TaskStatus.QUEUED)
+
+    @app.get("/v1/tasks/{task_id}", response_model=TaskPublic)
+    def read_task(task_id: uuid.UUID, request: Request) -> TaskPublic:
+        """A task's status, answer and steps so far."""
+        with session_scope(request.app.state.engine) as session:
+            task = crud.get_task(session=session, task_id=task_id)
+            if task is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id}")
+            return crud.task_public(task=task, steps=crud.list_steps(session=session, task_id=task_id))
+
+    @app.post("/v1/tasks/{task_id}/cancel", response_model=TaskPublic)
+    def cancel_task(task_id: uuid.UUID, request: Request) -> TaskPublic:
+        """Cancel a task; a task that already ended is returned unchanged."""
+        with session_scope(request.app.state.engine) as session:
+            task = crud.cancel_task(session=session, task_id=task_id)
+            if task is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id}")
+            return crud.task_public(task=task, steps=crud.list_steps(session=session, task_id=task_id))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Liveness: the process serves HTTP."""
+        return {"status": "ok"}
+
+    return app

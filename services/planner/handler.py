@@ -1,0 +1,31 @@
+"""The planner step: render the planner prompt, ask the planner LLM, decide who acts next."""
+
+from __future__ import annotations
+
+from shared.crud import steps_to_turns
+from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, run_llm_step
+from shared.prompts import NextRole, parse_planner_output, render_planner_prompt
+from shared.roles import LLMRole, StepRole
+from shared.schemas import EndReason, StepJob, TaskStatus
+
+__all__ = ["handle_planner_job", "interpret_planner_output"]
+
+
+def render(context: StepContext) -> str:
+    """The planner prompt for the trajectory so far."""
+    return render_planner_prompt(context.tools, steps_to_turns(context.steps))
+
+
+def interpret_planner_output(generated: str, _context: StepContext | None = None) -> StepDraft:
+    """A planner step; ``Next: give up.`` ends the task as given up."""
+    decision = parse_planner_output(generated)
+    draft = StepDraft(role=StepRole.PLANNER, output=decision.text, raw_output=generated, next_role=decision.next)
+    if decision.next is NextRole.GIVE_UP:
+        draft.end_status = TaskStatus.GAVE_UP
+        draft.end_reason = EndReason.PLANNER_GAVE_UP
+    return draft
+
+
+def handle_planner_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) -> JobOutcome:
+    """Produce planner step ``job.step_index``; the follow-up is a caller or summarizer job."""
+    return run_llm_step(job, rt, llm_role=LLMRole.PLANNER, render=render, interpret=interpret_planner_output)

@@ -1,0 +1,20 @@
+"""The planner worker service: consumes only the ``umi.planner`` queue and calls the planner's SGLang server.
+
+Run it with ``umi worker planner [--concurrency N]``; start more processes to scale it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from services.planner.handler import handle_planner_job
+from shared.roles import StepRole
+from shared.settings import Settings, get_settings
+from shared.worker import create_worker_app
+
+ROLE = StepRole.PLANNER
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """The planner worker's Celery app, consuming ``umi.planner``."""
+    return create_worker_app(ROLE, handle_planner_job, settings or get_settings())

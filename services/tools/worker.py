@@ -1,0 +1,20 @@
+"""The tools worker service: consumes only the ``umi.tools`` queue and calls the tools (HTTP APIs, the mirror, Python functions).
+
+Run it with ``umi worker tools [--concurrency N]``; start more processes to scale it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from services.tools.handler import handle_tools_job
+from shared.roles import StepRole
+from shared.settings import Settings, get_settings
+from shared.worker import create_worker_app
+
+ROLE = StepRole.TOOLS
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """The tools worker's Celery app, consuming ``umi.tools``."""
+    return create_worker_app(ROLE, handle_tools_job, settings or get_settings())

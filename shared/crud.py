@@ -1,0 +1,160 @@
+"""Small data-access functions over the tables in :mod:`shared.models`.
+
+Keyword-only, each takes a session, none commits: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlmodel import Session, col, select
+
+from shared.models import Step, Task, ToolCall, ToolCallStatus, utcnow
+from shared.prompts import Speaker, ToolDoc, Turn
+from shared.roles import StepRole
+from shared.schemas import TERMINAL_STATUSES, EndReason, StepPublic, TaskCreate, TaskPublic, TaskStatus
+
+__all__ = [
+    "cancel_task",
+    "claim_tool_call",
+    "create_task",
+    "finish_task",
+    "get_step",
+    "get_task",
+    "list_steps",
+    "steps_to_turns",
+    "task_public",
+    "task_tools",
+]
+
+
+def create_task(*, session: Session, task_in: TaskCreate, max_steps: int, timeout_s: float, constrained: bool) -> Task:
+    """Insert a queued task and its step 0 (the user's query)."""
+    now = utcnow()
+    task = Task(
+        status=TaskStatus.QUEUED,
+        query=task_in.query,
+        tools=[tool.model_dump() for tool in task_in.tools],
+        max_steps=max_steps,
+        constrained=constrained,
+        deadline_at=now + timedelta(seconds=timeout_s),
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(task)
+    session.flush()
+    session.add(Step(task_id=task.id, index=0, role=StepRole.USER, output=task_in.query, created_at=now))
+    return task
+
+
+def get_task(*, session: Session, task_id: uuid.UUID, for_update: bool = False) -> Task | None:
+    """The task, optionally row-locked (PostgreSQL) for a status transition."""
+    statement = select(Task).where(Task.id == task_id)
+    if for_update:
+        statement = statement.with_for_update()
+    return session.exec(statement).first()
+
+
+def list_steps(*, session: Session, task_id: uuid.UUID) -> list[Step]:
+    """All steps of a task in order."""
+    return list(session.exec(select(Step).where(Step.task_id == task_id).order_by(col(Step.index))))
+
+
+def get_step(*, session: Session, task_id: uuid.UUID, index: int) -> Step | None:
+    """One step by its index, if stored."""
+    return session.exec(select(Step).where(Step.task_id == task_id, Step.index == index)).first()
+
+
+def task_tools(task: Task) -> list[ToolDoc]:
+    """The task's tools as compact docs."""
+    return [ToolDoc.model_validate(tool) for tool in task.tools]
+
+
+def steps_to_turns(steps: list[Step]) -> list[Turn]:
+    """The α-UMi conversation of a trajectory."""
+    return [Turn(speaker=Speaker.for_step(StepRole(step.role)), value=step.output) for step in steps]
+
+
+def finish_task(
+    *,
+    task: Task,
+    status: TaskStatus,
+    reason: EndReason,
+    answer: str | None = None,
+    error: str | None = None,
+) -> None:
+    """Move a task to a terminal status with the reason it ended."""
+    assert status in TERMINAL_STATUSES
+    now = utcnow()
+    task.status = status
+    task.end_reason = reason
+    task.answer = answer
+    task.error = error
+    task.updated_at = now
+    task.finished_at = now
+
+
+def cancel_task(*, session: Session, task_id: uuid.UUID) -> Task | None:
+    """Cancel a task unless it already ended; returns the task (None if unknown)."""
+    task = get_task(session=session, task_id=task_id, for_update=True)
+    if task is not None and task.status not in TERMINAL_STATUSES:
+        finish_task(task=task, status=TaskStatus.CANCELLED, reason=EndReason.CANCELLED, error="cancelled by request")
+    return task
+
+
+def claim_tool_call(
+    *, session: Session, task_id: uuid.UUID, step_index: int, tool_name: str, arguments: str, takeover: bool, stale_after_s: float
+) -> ToolCall | None:
+    """Claim the right to run the tool call of step ``step_index``; None if someone else holds it.
+
+    A fresh claim is inserted. An existing unfinished claim is taken over when
+    ``takeover`` (the message was redelivered: its worker died) or when it is
+    older than ``stale_after_s``; otherwise a live duplicate owns it.
+    """
+    existing = session.exec(
+        select(ToolCall).where(ToolCall.task_id == task_id, ToolCall.step_index == step_index).with_for_update()
+    ).first()
+    if existing is None:
+        call = ToolCall(task_id=task_id, step_index=step_index, tool_name=tool_name, arguments=arguments, status=ToolCallStatus.RUNNING)
+        session.add(call)
+        session.flush()
+        return call
+    if existing.status != ToolCallStatus.RUNNING:
+        return None
+    if takeover or utcnow() - existing.started_at > timedelta(seconds=stale_after_s):
+        existing.attempts += 1
+        existing.started_at = utcnow()
+        return existing
+    return None
+
+
+def task_public(*, task: Task, steps: list[Step]) -> TaskPublic:
+    """The API view of a task and its trajectory."""
+    return TaskPublic(
+        id=task.id,
+        status=TaskStatus(task.status),
+        query=task.query,
+        answer=task.answer,
+        error=task.error,
+        end_reason=EndReason(task.end_reason) if task.end_reason else None,
+        max_steps=task.max_steps,
+        deadline_at=task.deadline_at,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        steps=[
+            StepPublic(
+                index=step.index,
+                role=StepRole(step.role),
+                output=step.output,
+                next=step.next_role,
+                tool_name=step.tool_name,
+                prompt_tokens=step.prompt_tokens,
+                completion_tokens=step.completion_tokens,
+                cached_tokens=step.cached_tokens,
+                latency_s=step.latency_s,
+                created_at=step.created_at,
+            )
+            for step in steps
+        ],
+    )

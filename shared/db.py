@@ -1,0 +1,86 @@
+"""Database engine, sessions and schema migrations (Alembic, in ``shared/migrations``).
+
+SQLite is the embedded default; PostgreSQL (psycopg 3) is the production store.
+The schema is owned by migrations: ``umi db upgrade`` applies them, and every
+service refuses to start against a database whose schema is behind.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Session, create_engine
+
+__all__ = ["SchemaOutOfDate", "ensure_schema_current", "get_engine", "session_scope", "upgrade_schema"]
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database schema is not at the newest migration."""
+
+
+@functools.cache
+def get_engine(database_url: str) -> Engine:
+    """One pooled engine per database URL per process."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(database_url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    # Workers run many threads; size the pool for them and survive server restarts.
+    return create_engine(database_url, pool_size=20, max_overflow=40, pool_pre_ping=True, pool_recycle=1800)
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def _alembic_config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def upgrade_schema(database_url: str) -> None:
+    """Apply all migrations (idempotent)."""
+    command.upgrade(_alembic_config(database_url), "head")
+
+
+def ensure_schema_current(database_url: str) -> None:
+    """Raise :class:`SchemaOutOfDate` unless the database is at the newest migration."""
+    head = ScriptDirectory.from_config(_alembic_config(database_url)).get_current_head()
+    with get_engine(database_url).connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current != head:
+        raise SchemaOutOfDate(
+            f"database schema is at revision {current or 'none'}, the code needs {head}: run `umi db upgrade`"
+        )

@@ -1,0 +1,97 @@
+"""Dead letters: refused messages are republished to ``umi.dead_letter`` with their reason.
+
+The broker's own dead-lettering (delivery limit reached, ``basic.reject``) records
+only ``x-death`` with reasons like ``delivery_limit``; a worker that refuses a
+malformed message republishes it itself so the reason says what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from kombu import Connection
+from pydantic import BaseModel
+
+from shared.topology import Topology
+
+__all__ = ["DeadLetter", "REASON_HEADER", "publish_dead_letter", "drain_dead_letters"]
+
+REASON_HEADER = "x-umi-dead-letter-reason"
+SOURCE_QUEUE_HEADER = "x-umi-source-queue"
+
+
+class DeadLetter(BaseModel):
+    """A message found on the dead-letter queue."""
+
+    reason: str
+    source_queue: str | None
+    body: str
+    headers: dict[str, Any]
+
+
+def publish_dead_letter(
+    connection: Connection,
+    topology: Topology,
+    *,
+    body: bytes | str,
+    reason: str,
+    source_queue: str,
+    content_type: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> None:
+    """Publish ``body`` to the dead-letter queue with ``reason`` (persistent, confirmed)."""
+    merged = dict(headers or {})
+    merged.update(
+        {
+            REASON_HEADER: reason[:2000],
+            SOURCE_QUEUE_HEADER: source_queue,
+            "x-umi-dead-lettered-at": datetime.now(UTC).isoformat(),
+        }
+    )
+    producer = connection.Producer()
+    producer.publish(
+        body,
+        exchange=topology.dead_letter_exchange,
+        routing_key=source_queue,
+        declare=[topology.dead_letter_queue()],
+        headers=merged,
+        content_type=content_type or "application/octet-stream",
+        content_encoding="binary" if isinstance(body, bytes) else "utf-8",
+        delivery_mode=2,
+        retry=True,
+    )
+
+
+def _reason(headers: dict[str, Any]) -> str:
+    if REASON_HEADER in headers:
+        return str(headers[REASON_HEADER])
+    deaths = headers.get("x-death") or []
+    if deaths:
+        return f"broker: {deaths[0].get('reason', 'unknown')}"
+    return "unknown"
+
+
+def drain_dead_letters(connection: Connection, topology: Topology, *, limit: int = 100, requeue: bool = True) -> list[DeadLetter]:
+    """Read up to ``limit`` dead letters; with ``requeue`` they stay on the queue."""
+    queue = topology.dead_letter_queue()(connection.default_channel)
+    queue.declare()
+    letters: list[DeadLetter] = []
+    fetched = []
+    for _ in range(limit):
+        message = queue.get(no_ack=False, accept=None)
+        if message is None:
+            break
+        fetched.append(message)
+        headers = dict(message.headers or {})
+        body = message.body.decode("utf-8", "replace") if isinstance(message.body, bytes) else str(message.body)
+        source = headers.get(SOURCE_QUEUE_HEADER) or (headers.get("x-death") or [{}])[0].get("queue")
+        letters.append(DeadLetter(reason=_reason(headers), source_queue=source, body=body, headers=_jsonable(headers)))
+    for message in fetched:
+        message.requeue() if requeue else message.ack()
+    return letters
+
+
+def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,122 @@
+"""``umi up``: the whole system in one process, on a machine with no GPU and no broker.
+
+SQLite, an in-process broker (kombu's ``memory://``), the four role workers as
+threads, the SGLang simulator (one server per LLM role, clearly labelled) and
+the mirror tools on the bundled example trajectories — each replaced by the
+real thing when its ``UMI_*`` variable is set (``UMI_BROKER_URL``,
+``UMI_DATABASE_URL``, ``UMI_<ROLE>_LLM_URL``, ``UMI_TOOLS_MIRROR``). The code
+that runs is the same as in the multi-process deployment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.asgi import ServerThread
+from shared.db import upgrade_schema
+from shared.roles import LLMRole
+from shared.settings import Settings, load_settings
+from shared.topology import QUEUE_ROLES
+from shared.worker import start_worker_thread
+
+__all__ = ["BUNDLED_TRAJECTORIES", "EmbeddedSystem", "embedded_settings"]
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_TRAJECTORIES = Path(__file__).resolve().parent / "data" / "raw_data_stage_2.json"
+EMBEDDED_BROKER_URL = "memory://"
+
+
+def embedded_settings(environ: dict[str, str] | None = None, **overrides: object) -> tuple[Settings, list[LLMRole]]:
+    """Settings for ``umi up`` and the LLM roles that need a simulator (no URL configured)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    if "UMI_BROKER_URL" not in env:
+        values["broker_url"] = EMBEDDED_BROKER_URL
+    if "UMI_TOOLS_MIRROR" not in env:
+        values["tools_mirror"] = BUNDLED_TRAJECTORIES
+    simulated = [role for role in LLMRole if f"UMI_{role.value.upper()}_LLM_URL" not in env]
+    values.update(overrides)
+    return load_settings(**values), simulated
+
+
+@dataclass
+class EmbeddedSystem:
+    """The running pieces of ``umi up``; :meth:`stop` shuts them down in reverse order."""
+
+    settings: Settings
+    simulators: dict[LLMRole, ServerThread] = field(default_factory=dict)
+    gateway: ServerThread | None = None
+    _stops: list[Callable[[], None]] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        concurrency: int = 8,
+        simulator_data: list[Path] | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> EmbeddedSystem:
+        """Start simulators, workers and the gateway; returns once the gateway accepts requests."""
+        from services.gateway.app import create_app as create_gateway
+        from services.simulator import SimulatorConfig, create_app as create_simulator
+
+        settings, simulated = embedded_settings(environ)
+        system = cls(settings=settings)
+        try:
+            urls: dict[str, object] = {}
+            for role in simulated:
+                config = SimulatorConfig(data=simulator_data or [BUNDLED_TRAJECTORIES], role=role.value)
+                server = ServerThread(create_simulator(config), host="127.0.0.1").start()
+                system.simulators[role] = server
+                system._stops.append(server.stop)
+                urls[f"{role.value}_llm_url"] = server.url
+            system.settings = settings = settings.model_copy(update=urls)
+            upgrade_schema(settings.database_url)
+            for role in QUEUE_ROLES:
+                app = importlib.import_module(f"services.{role.value}.worker").create_app(settings)
+                system._stops.append(start_worker_thread(app, role, settings, concurrency=concurrency))
+            system.gateway = ServerThread(create_gateway(settings), host=host, port=port).start()
+            system._stops.append(system.gateway.stop)
+        except BaseException:
+            system.stop()
+            raise
+        return system
+
+    def describe(self) -> list[str]:
+        """Human-readable lines saying what runs where."""
+        lines = [f"gateway      {self.gateway.url if self.gateway else '-'}  (POST /v1/tasks, GET /v1/tasks/{{id}})"]
+        for role in LLMRole:
+            if role in self.simulators:
+                lines.append(f"{role.value:<12} SGLang SIMULATOR at {self.simulators[role].url} (replays recorded data; not inference)")
+            else:
+                lines.append(f"{role.value:<12} SGLang server at {self.settings.llm_url(role)}")
+        lines.append(f"broker       {_redact(self.settings.broker_url)}")
+        lines.append(f"database     {_redact(self.settings.database_url)}")
+        lines.append(f"tools        mirror of {self.settings.tools_mirror}" if self.settings.tools_mirror else "tools        no mirror")
+        lines.append("workers      " + ", ".join(role.value for role in QUEUE_ROLES) + " (threads in this process)")
+        return lines
+
+    def stop(self) -> None:
+        """Stop everything that was started."""
+        while self._stops:
+            stop = self._stops.pop()
+            try:
+                stop()
+            except Exception:  # keep stopping the rest
+                logger.exception("error while stopping")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+

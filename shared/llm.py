@@ -1,0 +1,94 @@
+"""Per-role SGLang requests and clients: the generation settings of design §2 in one place.
+
+Every α-UMi role stops at ``</s>``, generates at most ``max_new_tokens`` (512)
+and samples at the configured temperature (0.5, as the published real-API
+runs). With constrained generation on, the planner gets a ``regex`` that makes
+it end with a ``Next:`` marker and the caller an ``ebnf`` grammar that limits
+it to the task's tool names and a JSON-object input; the summarizer is free
+text. The prompt itself is never changed.
+
+Usage::
+
+    from shared.llm import build_role_request, client_for_role
+
+    client = client_for_role(LLMRole.PLANNER, settings)        # one per worker process
+    request = build_role_request(
+        LLMRole.PLANNER, prompt, tools=tools, settings=settings, constrained=settings.constrained, rid="t1-s3"
+    )
+    result = client.generate(request, deadline=time.monotonic() + settings.llm_read_timeout_s)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from shared.constraints import caller_ebnf, planner_regex
+from shared.prompts import STOP_SEQUENCE, ToolDoc
+from shared.roles import LLMRole
+from shared.settings import Settings
+from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient
+
+__all__ = ["build_role_request", "client_for_role", "role_constraint"]
+
+logger = logging.getLogger(__name__)
+
+#: A worker's pool never shrinks below this, so SGLang always has requests to batch.
+MIN_CONNECTIONS = 64
+
+
+def role_constraint(role: LLMRole, tools: Sequence[ToolDoc]) -> dict[str, str]:
+    """The one grammar parameter for ``role`` (``{}`` for the summarizer).
+
+    A caller with no tools cannot satisfy its grammar, so it generates
+    unconstrained, as the reference does; the tool executor then rejects the call.
+    """
+    if role is LLMRole.PLANNER:
+        return {"regex": planner_regex()}
+    if role is LLMRole.CALLER:
+        if not tools:
+            logger.debug("caller request without tools: generating unconstrained")
+            return {}
+        return {"ebnf": caller_ebnf(tools)}
+    return {}
+
+
+def build_role_request(
+    role: LLMRole,
+    prompt: str,
+    *,
+    tools: Sequence[ToolDoc],
+    settings: Settings,
+    constrained: bool,
+    rid: str | None = None,
+    greedy: bool = False,
+) -> GenerateRequest:
+    """The ``/generate`` request for one step of ``role`` on the raw-text ``prompt``.
+
+    ``greedy`` sets temperature 0 (deterministic runs, evaluation); otherwise
+    the settings' temperature and top_p apply. ``constrained`` adds the role's
+    grammar (at most one per request, as SGLang requires).
+    """
+    params: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "temperature": 0.0 if greedy else settings.temperature,
+        "top_p": settings.top_p,
+        "stop": [STOP_SEQUENCE],
+    }
+    if constrained:
+        params.update(role_constraint(role, tools))
+    return GenerateRequest(text=prompt, sampling_params=SamplingParams(**params), rid=rid)
+
+
+def client_for_role(role: LLMRole, settings: Settings) -> SGLangClient:
+    """A client for ``role``'s SGLang server with the configured timeouts, retries and API key."""
+    api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key is not None else None
+    return SGLangClient(
+        settings.llm_url(role),
+        api_key=api_key,
+        timeout=LLMTimeout(connect=settings.llm_connect_timeout_s, read=settings.llm_read_timeout_s),
+        max_retries=settings.llm_max_retries,
+        backoff_s=settings.llm_backoff_s,
+        max_connections=max(MIN_CONNECTIONS, settings.worker_concurrency),
+    )

@@ -1,0 +1,310 @@
+"""How a role message becomes a stored step, idempotently (the at-least-once contract).
+
+Every handler follows the same three moves:
+
+1. :func:`open_step` reads the task in a short transaction. A step that is
+   already stored means this message is a duplicate: its follow-up message is
+   re-sent if the next step is missing (the previous worker may have died between
+   commit and publish) and nothing else happens. Terminal tasks, deadlines and
+   step limits end here too.
+2. The role does its work outside any transaction (an LLM call, a tool call).
+3. :func:`store_step` inserts the step under ``UNIQUE (task_id, index)`` together
+   with any task transition, then publishes the follow-up job. Losing the insert
+   race means another copy stored it first: this copy publishes nothing.
+
+The role-specific parts live in ``services/<role>/handler.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from pydantic import BaseModel
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from shared import crud
+from shared.db import get_engine, session_scope
+from shared.llm import build_role_request, client_for_role
+from shared.models import Step, Task, utcnow
+from shared.prompts import NextRole, ToolDoc
+from shared.roles import LLMRole, StepRole
+from shared.schemas import TERMINAL_STATUSES, EndReason, StepJob, TaskStatus
+from shared.settings import Settings
+from shared.sglang_client import SGLangClient, SGLangError
+
+__all__ = [
+    "Dispatcher",
+    "JobOutcome",
+    "PoisonJob",
+    "Runtime",
+    "StepContext",
+    "StepDraft",
+    "follow_up_job",
+    "open_step",
+    "run_llm_step",
+    "store_step",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class JobOutcome(StrEnum):
+    """What handling one message did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REPUBLISHED = "republished"
+    TASK_ENDED = "task_ended"
+
+
+class PoisonJob(Exception):
+    """A message that can never succeed (unknown task, impossible step): dead-letter it."""
+
+
+class Dispatcher(Protocol):
+    """Publishes a job to its role's queue (confirmed by the broker before returning)."""
+
+    def dispatch(self, job: StepJob) -> None: ...
+
+
+@dataclass
+class Runtime:
+    """What handlers need: settings, the database, a dispatcher, LLM clients and tools."""
+
+    settings: Settings
+    dispatcher: Dispatcher
+    engine: Engine = field(init=False)
+    _clients: dict[LLMRole, SGLangClient] = field(default_factory=dict, init=False, repr=False)
+    _tools: object | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.engine = get_engine(self.settings.database_url)
+
+    def llm(self, role: LLMRole) -> SGLangClient:
+        """The (shared, thread-safe) client for ``role``'s SGLang server."""
+        with self._lock:
+            if role not in self._clients:
+                self._clients[role] = client_for_role(role, self.settings)
+            return self._clients[role]
+
+    def tool_executor(self):  # noqa: ANN201  (ToolExecutor; imported lazily: only the tools worker needs it)
+        """The tool executor configured from settings."""
+        from shared.tools import build_executor
+
+        with self._lock:
+            if self._tools is None:
+                self._tools = build_executor(self.settings)
+            return self._tools
+
+    def close(self) -> None:
+        """Close the LLM clients' connection pools."""
+        for client in self._clients.values():
+            client.close()
+
+
+@dataclass
+class StepContext:
+    """The task as a handler sees it: its tools, the steps before this one, and its deadline."""
+
+    task: Task
+    tools: list[ToolDoc]
+    steps: list[Step]
+    deadline: float  # time.monotonic() value
+
+    @property
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class StepDraft(BaseModel):
+    """A step about to be stored, and how the task ends with it (if it does)."""
+
+    role: StepRole
+    output: str
+    raw_output: str | None = None
+    next_role: NextRole | None = None
+    tool_name: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    latency_s: float | None = None
+    attempts: int | None = None
+    end_status: TaskStatus | None = None
+    end_reason: EndReason | None = None
+    answer: str | None = None
+
+
+def follow_up_job(step: Step) -> StepJob | None:
+    """The job that produces the step after ``step`` (None when the trajectory ends there)."""
+    role = _next_role_after(step)
+    if role is None:
+        return None
+    return StepJob(task_id=step.task_id, step_index=step.index + 1, role=role)
+
+
+def _next_role_after(step: Step) -> StepRole | None:
+    match StepRole(step.role):
+        case StepRole.USER | StepRole.TOOLS:
+            return StepRole.PLANNER
+        case StepRole.CALLER:
+            return StepRole.TOOLS
+        case StepRole.PLANNER if step.next_role == NextRole.CALLER:
+            return StepRole.CALLER
+        case StepRole.PLANNER if step.next_role == NextRole.CONCLUSION:
+            return StepRole.SUMMARIZER
+        case _:
+            return None
+
+
+def open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
+    """Check the job against the stored trajectory; a context to work in, or why not to."""
+    with session_scope(rt.engine) as session:
+        task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
+        if task is None:
+            raise PoisonJob(f"task {job.task_id} does not exist")
+        if task.status in TERMINAL_STATUSES:
+            return JobOutcome.TASK_ENDED
+        existing = crud.get_step(session=session, task_id=job.task_id, index=job.step_index)
+        if existing is not None:
+            return _resend_follow_up(session, job, existing, rt)
+        steps = crud.list_steps(session=session, task_id=job.task_id)
+        _check_job_fits(job, steps)
+        ended = _end_if_over_budget(job, task, steps)
+        if ended is not None:
+            return ended
+        if task.status == TaskStatus.QUEUED:
+            task.status = TaskStatus.RUNNING
+            task.updated_at = utcnow()
+        remaining = (task.deadline_at - utcnow()).total_seconds()
+        return StepContext(task=task, tools=crud.task_tools(task), steps=steps, deadline=time.monotonic() + remaining)
+
+
+def _resend_follow_up(session: Session, job: StepJob, existing: Step, rt: Runtime) -> JobOutcome:
+    if existing.role != job.role:
+        raise PoisonJob(f"step {job.step_index} of task {job.task_id} is a {existing.role} step, not {job.role}")
+    follow_up = follow_up_job(existing)
+    if follow_up is None or crud.get_step(session=session, task_id=job.task_id, index=follow_up.step_index):
+        return JobOutcome.DUPLICATE
+    rt.dispatcher.dispatch(follow_up)
+    logger.info("task %s step %d: already stored, re-sent %s job", job.task_id, job.step_index, follow_up.role)
+    return JobOutcome.REPUBLISHED
+
+
+def _check_job_fits(job: StepJob, steps: list[Step]) -> None:
+    if len(steps) != job.step_index:
+        raise PoisonJob(f"task {job.task_id} has {len(steps)} steps; a job for step {job.step_index} cannot run")
+    expected = _next_role_after(steps[-1])
+    if expected != job.role:
+        raise PoisonJob(f"step {job.step_index} of task {job.task_id} must be {expected}, the message asks for {job.role}")
+
+
+def _end_if_over_budget(job: StepJob, task: Task, steps: list[Step]) -> JobOutcome | None:
+    if utcnow() >= task.deadline_at:
+        crud.finish_task(task=task, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded")
+        logger.info("task %s: deadline exceeded at step %d", task.id, job.step_index)
+        return JobOutcome.TASK_ENDED
+    planner_steps = sum(1 for step in steps if step.role == StepRole.PLANNER)
+    if job.role is StepRole.PLANNER and planner_steps >= task.max_steps:
+        crud.finish_task(
+            task=task,
+            status=TaskStatus.FAILED,
+            reason=EndReason.STEP_LIMIT,
+            error=f"step limit reached: {task.max_steps} planner steps without a conclusion",
+        )
+        logger.info("task %s: step limit %d reached", task.id, task.max_steps)
+        return JobOutcome.TASK_ENDED
+    return None
+
+
+def store_step(
+    job: StepJob, draft: StepDraft, rt: Runtime, *, also: Callable[[Session], None] | None = None
+) -> JobOutcome:
+    """Insert the step (and the task's end, if any) in one transaction, then publish the follow-up."""
+    step = Step(task_id=job.task_id, index=job.step_index, **draft.model_dump(exclude={"end_status", "end_reason", "answer"}))
+    try:
+        with session_scope(rt.engine) as session:
+            task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
+            if task is None or task.status in TERMINAL_STATUSES:
+                # Cancelled (or ended by a deadline) while this step was being produced.
+                if also is not None:
+                    also(session)
+                return JobOutcome.TASK_ENDED
+            session.add(step)
+            if also is not None:
+                also(session)
+            if draft.end_status is not None:
+                assert draft.end_reason is not None
+                crud.finish_task(task=task, status=draft.end_status, reason=draft.end_reason, answer=draft.answer)
+            else:
+                task.updated_at = utcnow()
+            session.flush()
+    except IntegrityError:
+        logger.info("task %s step %d: another delivery stored it first", job.task_id, job.step_index)
+        return JobOutcome.DUPLICATE
+    follow_up = follow_up_job(step)
+    if follow_up is not None and draft.end_status is None:
+        rt.dispatcher.dispatch(follow_up)
+    return JobOutcome.STORED
+
+
+def end_task(job: StepJob, rt: Runtime, *, status: TaskStatus, reason: EndReason, error: str) -> JobOutcome:
+    """End a non-terminal task without storing a step (LLM failure, deadline during a call)."""
+    with session_scope(rt.engine) as session:
+        task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
+        if task is not None and task.status not in TERMINAL_STATUSES:
+            crud.finish_task(task=task, status=status, reason=reason, error=error)
+    logger.warning("task %s ended at step %d (%s): %s", job.task_id, job.step_index, reason, error)
+    return JobOutcome.TASK_ENDED
+
+
+def run_llm_step(
+    job: StepJob,
+    rt: Runtime,
+    *,
+    llm_role: LLMRole,
+    render: Callable[[StepContext], str],
+    interpret: Callable[[str, StepContext], StepDraft],
+) -> JobOutcome:
+    """The shared shape of the planner, caller and summarizer steps: prompt → SGLang → step."""
+    context = open_step(job, rt)
+    if isinstance(context, JobOutcome):
+        return context
+    prompt = render(context)
+    request = build_role_request(
+        llm_role,
+        prompt,
+        tools=context.tools,
+        settings=rt.settings,
+        constrained=context.task.constrained,
+        rid=f"{job.task_id.hex}-{job.step_index}-{uuid.uuid4().hex[:8]}",
+    )
+    started = time.monotonic()
+    try:
+        result = rt.llm(llm_role).generate(request, deadline=context.deadline)
+    except SGLangError as exc:
+        if context.remaining_s <= 0:
+            return end_task(job, rt, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded")
+        return end_task(
+            job, rt, status=TaskStatus.FAILED, reason=EndReason.LLM_ERROR, error=f"{llm_role} LLM failed: {exc}"
+        )
+    draft = interpret(result.text, context)
+    draft = draft.model_copy(
+        update={
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "cached_tokens": result.cached_tokens,
+            "latency_s": time.monotonic() - started,
+            "attempts": getattr(result, "attempts", None),
+        }
+    )
+    return store_step(job, draft, rt)

@@ -1,0 +1,146 @@
+"""Message and API schemas: the typed boundaries between services.
+
+* :class:`StepJob` is the body of every message on a role queue.
+* :class:`TaskCreate` / :class:`TaskAccepted` / :class:`TaskPublic` are the
+  gateway's request and response bodies.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.prompts import ToolDoc
+from shared.roles import StepRole
+
+__all__ = [
+    "EndReason",
+    "StepJob",
+    "StepPublic",
+    "TaskAccepted",
+    "TaskCreate",
+    "TaskPublic",
+    "TaskStatus",
+    "TERMINAL_STATUSES",
+]
+
+JOB_SCHEMA_VERSION = 1
+
+
+class TaskStatus(StrEnum):
+    """Lifecycle of a task; the last four are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    GAVE_UP = "gave_up"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.GAVE_UP, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+class EndReason(StrEnum):
+    """Why a task ended, recorded next to its terminal status."""
+
+    ANSWERED = "answered"
+    PLANNER_GAVE_UP = "planner_gave_up"
+    STEP_LIMIT = "step_limit"
+    DEADLINE = "deadline"
+    CANCELLED = "cancelled"
+    LLM_ERROR = "llm_error"
+    ENQUEUE_ERROR = "enqueue_error"
+
+
+class StepJob(BaseModel):
+    """One unit of work on a role queue: produce step ``step_index`` of task ``task_id``.
+
+    The database holds the trajectory; the message only names the task and the
+    step, so a redelivered message can always be recognised as a duplicate.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = JOB_SCHEMA_VERSION
+    task_id: uuid.UUID
+    step_index: int = Field(ge=1)
+    role: StepRole
+
+    @field_validator("role")
+    @classmethod
+    def _not_user(cls, value: StepRole) -> StepRole:
+        if value is StepRole.USER:
+            raise ValueError("the user step is written by the gateway, never queued")
+        return value
+
+
+class TaskCreate(BaseModel):
+    """``POST /v1/tasks`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, max_length=32_000, description="The user's request.")
+    tools: list[ToolDoc] = Field(min_length=1, max_length=64, description="Compact ToolBench docs.")
+    max_steps: int | None = Field(default=None, ge=1, le=100, description="Planner steps before the task fails.")
+    timeout_s: float | None = Field(default=None, gt=0, le=86_400, description="Deadline, seconds from now.")
+    constrained: bool | None = Field(default=None, description="Constrained decoding; default from UMI_CONSTRAINED.")
+
+    @field_validator("query")
+    @classmethod
+    def _query_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must not be blank")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[ToolDoc]) -> list[ToolDoc]:
+        seen: set[str] = set()
+        for tool in tools:
+            if tool.Name in seen:
+                raise ValueError(f"duplicate tool Name {tool.Name!r}")
+            seen.add(tool.Name)
+        return tools
+
+
+class TaskAccepted(BaseModel):
+    """``202`` response to ``POST /v1/tasks``."""
+
+    id: uuid.UUID
+    status: TaskStatus
+
+
+class StepPublic(BaseModel):
+    """One step of a task as the API shows it."""
+
+    index: int
+    role: StepRole
+    output: str
+    next: str | None = None
+    tool_name: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    latency_s: float | None = None
+    created_at: datetime
+
+
+class TaskPublic(BaseModel):
+    """``GET /v1/tasks/{id}`` response."""
+
+    id: uuid.UUID
+    status: TaskStatus
+    query: str
+    answer: str | None
+    error: str | None
+    end_reason: EndReason | None
+    max_steps: int
+    deadline_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    steps: list[StepPublic]

@@ -1,0 +1,145 @@
+"""Tool execution for α-UMi: run the caller's ``Action`` / ``Action Input`` and return the observation.
+
+The executor (:class:`ToolExecutor`) checks the call the way ToolBench does, routes it to
+the first backend that serves the tool Name, retries transient failures, masks secrets
+and truncates the observation. Backends, in the order :func:`build_executor` installs them:
+
+- ``python``  — functions registered in code (:class:`ToolRegistry`, :func:`register`);
+- ``mirror``  — observations replayed from recorded trajectories (``UMI_TOOLS_MIRROR``);
+- ``http``    — real APIs described by ToolBench tool JSON files (``UMI_TOOLS_HTTP_CATALOG``);
+- ``virtual`` — a StableToolBench ``/virtual`` server (``UMI_TOOLS_VIRTUAL_URL``), the catch-all.
+
+The HTTP and virtual backends connect only through the egress guard (:class:`NetworkGuard`):
+no private, loopback, link-local, multicast, reserved or unspecified addresses unless
+allow-listed in ``UMI_TOOLS_ALLOW_HOSTS``, and no redirects.
+
+Errors (every :class:`ToolCallError` becomes a ToolBench error observation; the task goes on)::
+
+    ToolError                          base of everything raised by shared.tools
+    ├── ToolSetupError                 bad mirror file / catalog / registry use (build time)
+    └── ToolCallError                  one call failed; carries its error observation
+        ├── CallRejected               the call never reached a backend
+        │   ├── UnknownToolError       action is not one of the task's tool Names
+        │   ├── ToolInputError         Action Input is not a JSON object
+        │   └── NoBackendError         no configured backend serves the tool
+        └── BackendError               a backend could not produce an answer
+            ├── TransientBackendError  retried with exponential backoff
+            │   ├── BackendTimeout     the call ran past its timeout
+            │   ├── BackendUnavailable connection refused / reset / protocol error
+            │   └── RetryableStatus    HTTP 5xx or 429
+            └── PermanentBackendError  not retried
+                ├── HttpStatusError    any other non-2xx (redirects are not followed)
+                ├── BadResponseError   a reply the protocol does not allow
+                ├── EgressRefused      the network guard refused the destination
+                ├── InvalidArgumentsError  missing / unexpected parameters
+                ├── MirrorMissError    no recording matches (mirror backend)
+                ├── ToolFunctionError  a registered Python function raised or hung
+                └── ApiReportedError   a /virtual server answered with an error
+
+Usage::
+
+    from shared.tools import build_executor
+    executor = build_executor(get_settings())
+    outcome = executor.execute(call.action, call.action_input, task_tools)
+    store(outcome.observation, ok=outcome.ok, backend=outcome.backend, error=outcome.error)
+"""
+
+from __future__ import annotations
+
+from shared.tools.base import ToolBackend
+from shared.tools.catalog import ApiSpec, CatalogEntry, ToolCatalog, ToolParameter, ToolSpec
+from shared.tools.errors import (
+    ApiReportedError,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    BadResponseError,
+    CallRejected,
+    EgressRefused,
+    HttpStatusError,
+    InvalidArgumentsError,
+    MirrorMissError,
+    NoBackendError,
+    PermanentBackendError,
+    RetryableStatus,
+    ToolCallError,
+    ToolError,
+    ToolErrorKind,
+    ToolFunctionError,
+    ToolInputError,
+    ToolSetupError,
+    TransientBackendError,
+    UnknownToolError,
+    error_observation,
+)
+from shared.tools.executor import RetryPolicy, ToolExecutor, build_executor
+from shared.tools.http_api import HttpBackend, PreparedRequest, prepare_request
+from shared.tools.mirror import MirrorBackend, MirrorRecord, Recording
+from shared.tools.models import CallContext, ToolOutcome, canonical_arguments, parse_action_input
+from shared.tools.names import change_name, compact_name, split_compact_name, standardize
+from shared.tools.netguard import NetworkGuard, address_problem, check_host, guarded_client
+from shared.tools.redact import Redactor
+from shared.tools.registry import PythonBackend, RegisteredTool, ToolRegistry, default_registry, register
+from shared.tools.virtual import VirtualBackend, VirtualReply, VirtualRequest, VirtualTarget
+
+__all__ = [
+    "ApiReportedError",
+    "ApiSpec",
+    "BackendError",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "BadResponseError",
+    "CallContext",
+    "CallRejected",
+    "CatalogEntry",
+    "EgressRefused",
+    "HttpBackend",
+    "HttpStatusError",
+    "InvalidArgumentsError",
+    "MirrorBackend",
+    "MirrorMissError",
+    "MirrorRecord",
+    "NetworkGuard",
+    "NoBackendError",
+    "PermanentBackendError",
+    "PreparedRequest",
+    "PythonBackend",
+    "Recording",
+    "Redactor",
+    "RegisteredTool",
+    "RetryPolicy",
+    "RetryableStatus",
+    "ToolBackend",
+    "ToolCallError",
+    "ToolCatalog",
+    "ToolError",
+    "ToolErrorKind",
+    "ToolExecutor",
+    "ToolFunctionError",
+    "ToolInputError",
+    "ToolOutcome",
+    "ToolParameter",
+    "ToolRegistry",
+    "ToolSetupError",
+    "ToolSpec",
+    "TransientBackendError",
+    "UnknownToolError",
+    "VirtualBackend",
+    "VirtualReply",
+    "VirtualRequest",
+    "VirtualTarget",
+    "address_problem",
+    "build_executor",
+    "canonical_arguments",
+    "change_name",
+    "check_host",
+    "compact_name",
+    "default_registry",
+    "error_observation",
+    "guarded_client",
+    "parse_action_input",
+    "prepare_request",
+    "register",
+    "split_compact_name",
+    "standardize",
+]

@@ -1,0 +1,136 @@
+"""A multi-process deployment for end-to-end tests.
+
+Real RabbitMQ (a per-session vhost), real PostgreSQL, each role worker as its own
+``umi worker <role>`` process, the gateway on real HTTP, and the SGLang
+simulator standing in for the three GPU servers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from kombu import Connection
+
+from services.gateway.app import create_app as create_gateway
+from services.simulator import SimulatorConfig, create_app as create_simulator
+from shared.asgi import ServerThread
+from shared.roles import LLMRole, StepRole
+from shared.settings import Settings, load_settings
+from shared.topology import QUEUE_ROLES, Topology
+from tests.conftest import TRAJECTORIES, UMI
+
+TERMINAL = {"succeeded", "gave_up", "failed", "cancelled"}
+
+
+class Deployment:
+    """Simulators + gateway in this process, one worker process per role."""
+
+    def __init__(self, *, rabbitmq_url: str, postgres_url: str, log_dir: Path, simulator: dict[str, Any] | None = None) -> None:
+        self.log_dir = log_dir
+        self.simulators = {
+            role: ServerThread(create_simulator(SimulatorConfig(data=[TRAJECTORIES], role=role.value, **(simulator or {}))))
+            for role in LLMRole
+        }
+        for server in self.simulators.values():
+            server.start()
+        self.env = {
+            "UMI_BROKER_URL": rabbitmq_url,
+            "UMI_DATABASE_URL": postgres_url,
+            "UMI_QUEUE_PREFIX": f"umi{uuid.uuid4().hex[:6]}",
+            "UMI_TOOLS_MIRROR": str(TRAJECTORIES),
+            "UMI_LLM_BACKOFF_S": "0.05",
+            **{f"UMI_{role.value.upper()}_LLM_URL": server.url for role, server in self.simulators.items()},
+        }
+        self.settings: Settings = load_settings(
+            broker_url=rabbitmq_url,
+            database_url=postgres_url,
+            queue_prefix=self.env["UMI_QUEUE_PREFIX"],
+            tools_mirror=TRAJECTORIES,
+            **{f"{role.value}_llm_url": server.url for role, server in self.simulators.items()},
+        )
+        self.topology = Topology(self.settings)
+        self.workers: dict[StepRole, subprocess.Popen[bytes]] = {}
+        self.gateway = ServerThread(create_gateway(self.settings)).start()
+        self.http = httpx.Client(base_url=self.gateway.url, timeout=30)
+
+    # --- workers -------------------------------------------------------------
+    def start_worker(self, role: StepRole, *, concurrency: int = 4) -> subprocess.Popen[bytes]:
+        """Start ``umi worker <role>`` and wait until it consumes its queue."""
+        log = open(self.log_dir / f"worker-{role.value}-{len(os.listdir(self.log_dir))}.log", "wb")
+        process = subprocess.Popen(
+            [str(UMI), "worker", role.value, "--concurrency", str(concurrency), "--loglevel", "INFO"],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers[role] = process
+        self.wait_for_consumers(role, at_least=1, process=process)
+        return process
+
+    def start_all_workers(self) -> None:
+        for role in QUEUE_ROLES:
+            self.start_worker(role)
+
+    def consumer_count(self, role: StepRole) -> int:
+        with Connection(self.settings.broker_url) as connection:
+            declared = connection.default_channel.queue_declare(self.topology.queue_name(role), passive=True)
+            return int(declared.consumer_count)
+
+    def wait_for_consumers(self, role: StepRole, *, at_least: int, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{role} worker exited with {process.returncode}; see {self.log_dir}")
+            try:
+                if self.consumer_count(role) >= at_least:
+                    return
+            except Exception:  # queue not declared yet
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{role} worker did not start consuming within {timeout_s}s; see {self.log_dir}")
+
+    def kill_worker(self, role: StepRole) -> None:
+        """SIGKILL a worker: no warm shutdown, no acks."""
+        process = self.workers.pop(role)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    # --- tasks -----------------------------------------------------------------
+    def submit(self, query: str, tools: list[dict[str, Any]], **extra: Any) -> str:
+        response = self.http.post("/v1/tasks", json={"query": query, "tools": tools, **extra})
+        assert response.status_code == 202, response.text
+        return str(response.json()["id"])
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/v1/tasks/{task_id}")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def wait(self, task_id: str, *, timeout_s: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            task = self.get(task_id)
+            if task["status"] in TERMINAL:
+                return task
+            time.sleep(0.1)
+        raise TimeoutError(f"task {task_id} did not finish in {timeout_s}s: {self.get(task_id)}")
+
+    def close(self) -> None:
+        for process in self.workers.values():
+            process.send_signal(signal.SIGTERM)
+        for process in self.workers.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.http.close()
+        self.gateway.stop()
+        for server in self.simulators.values():
+            server.stop()
