@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     #: Hosts (names or IPs) a tool may reach even though they are private/loopback.
     tools_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     tools_max_retries: int = Field(default=2, ge=0)
+    tools_backoff_s: float = Field(default=0.5, ge=0)
 
     # --- gateway ---------------------------------------------------------------
     gateway_url: str = "http://127.0.0.1:8000"

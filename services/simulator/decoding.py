@@ -1,30 +1,31 @@
 """How the SGLang **simulator** turns a continuation into SGLang's output for one request.
 
 The simulated model emits the continuation's pseudo-tokens and then Llama-2's
-EOS. The finish checks run in SGLang's order after each token — stop string /
-``stop_regex`` first, then a stop token (``stop_token_ids`` or EOS), then
-``max_new_tokens`` — and every finish is capped at ``max_new_tokens``:
+EOS. The finish checks follow SGLang's order for the step in which they fire —
+stop string / ``stop_regex`` first, then a stop token (``stop_token_ids`` or
+EOS) — and any finish later than ``max_new_tokens`` becomes a length finish:
 
 * stop string: ``{"type": "stop", "matched": "<the string>"}``; the text is cut
   before it unless ``no_stop_trim`` (then it runs to the end of the token that
   completed the match);
-* EOS: ``{"type": "stop", "matched": 2}``; the EOS id is the last output id and
-  is not part of the text (special tokens are skipped);
+* stop token / EOS: ``{"type": "stop", "matched": <id>}`` (EOS is 2); the id is
+  the last output id and its text is not part of the output;
 * ``max_new_tokens``: ``{"type": "length", "length": N}`` after N tokens.
 
-``ignore_eos`` makes the model run on to ``max_new_tokens`` emitting EOS ids.
+``ignore_eos`` makes the model run on to ``max_new_tokens``, emitting EOS ids.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.simulator.tokenizer import EOS_TOKEN_ID, PseudoTokenizer
+from services.simulator.tokenizer import CHARS_PER_TOKEN, EOS_TOKEN_ID, PseudoTokenizer
 
 __all__ = ["Completion", "DecodeOptions", "decode_continuation"]
+
+_STRING_STOP, _TOKEN_STOP = 0, 1  # SGLang checks stop strings before stop tokens within a step
 
 
 @dataclass(frozen=True)
@@ -49,77 +50,66 @@ class Completion:
 
     @property
     def completion_tokens(self) -> int:
-        """Generated tokens, EOS included (as SGLang counts them)."""
+        """Generated tokens, a final stop token included (as SGLang counts them)."""
         return len(self.output_ids)
 
     def prefix(self, tokens: int) -> tuple[str, list[int]]:
-        """Cumulative text and ids after ``tokens`` tokens (for streaming); never leaks trimmed text."""
-        ids = self.output_ids[:tokens]
+        """Cumulative text and ids after ``tokens`` tokens (for streaming); never shows trimmed text."""
         if tokens >= len(self.output_ids):
-            return self.text, ids
-        return self.text[: _chars_for(tokens, self.output_ids)], ids
-
-
-def _chars_for(tokens: int, ids: Sequence[int]) -> int:
-    from services.simulator.tokenizer import CHARS_PER_TOKEN
-
-    return sum(CHARS_PER_TOKEN for token_id in ids[:tokens] if token_id != EOS_TOKEN_ID)
+            return self.text, list(self.output_ids)
+        return self.text[: CHARS_PER_TOKEN * tokens], self.output_ids[:tokens]
 
 
 @dataclass(frozen=True)
-class _StopHit:
+class _Stop:
     tokens: int  # tokens generated when the stop fires
-    start: int  # character offset of the matched text
-    end: int
-    matched: str | int
+    kind: int
+    start: int  # character offset where the matched text starts
+    completion: Completion
 
 
 def decode_continuation(continuation: str, options: DecodeOptions, tokenizer: PseudoTokenizer) -> Completion:
     """The output a request with ``options`` gets when the model's answer is ``continuation``."""
     content_ids = tokenizer.encode(continuation)
+    stops = [*_string_stops(continuation, content_ids, options), *_token_stops(continuation, content_ids, options)]
+    first = min(stops, key=lambda stop: (stop.tokens, stop.kind, stop.start), default=None)
+    if first is not None and first.tokens <= options.max_new_tokens:
+        return first.completion
+    return _length_finish(continuation, content_ids, options)
+
+
+def _length_finish(continuation: str, content_ids: list[int], options: DecodeOptions) -> Completion:
     limit = options.max_new_tokens
-    hit = _first_string_stop(continuation, options) or _first_token_stop(content_ids, options)
-    if hit is not None and hit.tokens <= limit:
-        return _stopped(continuation, content_ids, hit, options)
-    if options.ignore_eos and len(content_ids) < limit:
-        ids = content_ids + [EOS_TOKEN_ID] * (limit - len(content_ids))
-        return Completion(continuation, ids, {"type": "length", "length": limit})
     ids = content_ids[:limit]
-    return Completion(tokenizer.decode(ids) if len(ids) < len(content_ids) else continuation, ids,
-                      {"type": "length", "length": limit})
+    if options.ignore_eos:
+        ids += [EOS_TOKEN_ID] * (limit - len(ids))
+    return Completion(continuation[: CHARS_PER_TOKEN * limit], ids, {"type": "length", "length": limit})
 
 
-def _stopped(continuation: str, content_ids: list[int], hit: _StopHit, options: DecodeOptions) -> Completion:
-    if isinstance(hit.matched, int):  # EOS or a stop token id
-        ids = content_ids[: hit.tokens - 1] + [hit.matched] if hit.tokens > len(content_ids) else content_ids[: hit.tokens]
-        text = continuation[: hit.start]
-    else:
-        ids = content_ids[: hit.tokens]
-        cut = hit.end if options.no_stop_trim else hit.start
-        text = continuation[: max(cut, 0)]
-        if options.no_stop_trim:
-            text = continuation[: sum(len(p) for p in PseudoTokenizer.split(continuation)[: hit.tokens])]
-    return Completion(text, ids, {"type": "stop", "matched": hit.matched})
-
-
-def _first_string_stop(continuation: str, options: DecodeOptions) -> _StopHit | None:
-    hits = []
+def _string_stops(continuation: str, content_ids: list[int], options: DecodeOptions) -> list[_Stop]:
+    matches: list[tuple[int, int, str]] = []
     for stop in options.stop:
         if stop and (pos := continuation.find(stop)) != -1:
-            end = pos + len(stop)
-            hits.append(_StopHit(PseudoTokenizer.tokens_through(end), pos, end, stop))
+            matches.append((pos, pos + len(stop), stop))
     for pattern in options.stop_regex:
-        if (match := re.search(pattern, continuation)) is not None:
-            hits.append(_StopHit(PseudoTokenizer.tokens_through(max(match.end(), 1)), match.start(), match.end(), pattern))
-    return min(hits, key=lambda hit: (hit.tokens, hit.start)) if hits else None
+        if (match := re.search(pattern, continuation)) is not None and match.end() > 0:
+            matches.append((match.start(), match.end(), pattern))
+    stops = []
+    for start, end, matched in matches:
+        tokens = PseudoTokenizer.tokens_through(end)
+        text = continuation[: CHARS_PER_TOKEN * tokens] if options.no_stop_trim else continuation[:start]
+        completion = Completion(text, content_ids[:tokens], {"type": "stop", "matched": matched})
+        stops.append(_Stop(tokens, _STRING_STOP, start, completion))
+    return stops
 
 
-def _first_token_stop(content_ids: list[int], options: DecodeOptions) -> _StopHit | None:
+def _token_stops(continuation: str, content_ids: list[int], options: DecodeOptions) -> list[_Stop]:
     if options.ignore_eos:
-        return None
-    chars = 0
+        return []
     for index, token_id in enumerate(content_ids):
         if token_id in options.stop_token_ids:
-            return _StopHit(index + 1, chars, chars, token_id)
-        chars += 4
-    return _StopHit(len(content_ids) + 1, chars, chars, EOS_TOKEN_ID)
+            text = continuation[: CHARS_PER_TOKEN * index]
+            completion = Completion(text, content_ids[: index + 1], {"type": "stop", "matched": token_id})
+            return [_Stop(index + 1, _TOKEN_STOP, len(text), completion)]
+    completion = Completion(continuation, [*content_ids, EOS_TOKEN_ID], {"type": "stop", "matched": EOS_TOKEN_ID})
+    return [_Stop(len(content_ids) + 1, _TOKEN_STOP, len(continuation), completion)]

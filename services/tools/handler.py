@@ -28,7 +28,9 @@ def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) ->
         return context
     call = parse_caller_output(context.steps[-1].output)
     settings = rt.settings
-    stale_after_s = settings.tools_timeout_s * (settings.tools_max_retries + 1) + 30
+    # Longer than any live attempt can take (calls, backoff waits), so only dead claims look stale.
+    retries = settings.tools_max_retries + 1
+    stale_after_s = settings.tools_timeout_s * retries + settings.tools_backoff_s * 2**retries + 30
     try:
         with session_scope(rt.engine) as session:
             claim = crud.claim_tool_call(
@@ -45,7 +47,10 @@ def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) ->
     if claim is None:
         return JobOutcome.DUPLICATE
 
-    outcome = rt.tool_executor().execute(call.action, call.action_input, context.tools)
+    # The history lets the mirror tell apart identical calls recorded with different observations.
+    outcome = rt.tool_executor().execute(
+        call.action, call.action_input, context.tools, history=crud.steps_to_turns(context.steps)
+    )
 
     def complete_tool_call(session: Session) -> None:
         row = session.exec(

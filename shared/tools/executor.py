@@ -37,7 +37,6 @@ from shared.tools.catalog import ToolCatalog
 from shared.tools.errors import (
     NoBackendError,
     ToolCallError,
-    ToolErrorKind,
     TransientBackendError,
     UnknownToolError,
 )
@@ -45,7 +44,7 @@ from shared.tools.http_api import HttpBackend
 from shared.tools.mirror import MirrorBackend
 from shared.tools.models import CallContext, ToolOutcome, parse_action_input
 from shared.tools.netguard import NetworkGuard
-from shared.tools.redact import Redactor, log_redacted
+from shared.tools.redact import Redactor, install_log_redaction, log_redacted
 from shared.tools.registry import PythonBackend, ToolRegistry, default_registry
 from shared.tools.virtual import VirtualBackend
 
@@ -100,6 +99,7 @@ class ToolExecutor:
         self._retry = retry or RetryPolicy()
         self._redact = redactor or Redactor()
         self._sleep = sleep
+        install_log_redaction(self._redact)
 
     @property
     def backends(self) -> tuple[ToolBackend, ...]:
@@ -181,7 +181,7 @@ class ToolExecutor:
         else:
             log_redacted(
                 logger, logging.WARNING, self._redact, "tool %s via %s failed [%s]: %s",
-                action, outcome.backend, outcome.error_kind, outcome.error,
+                action, outcome.backend or "(no backend)", outcome.error_kind, outcome.error,
             )  # fmt: skip
 
     def close(self) -> None:
@@ -212,7 +212,7 @@ def build_executor(
     settings: Settings,
     *,
     registry: ToolRegistry | None = None,
-    backoff_s: float = 0.5,
+    backoff_s: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ToolExecutor:
     """The executor the settings describe; backends in order python, mirror, http, virtual.
@@ -235,7 +235,10 @@ def build_executor(
     return ToolExecutor(
         backends,
         timeout_s=settings.tools_timeout_s,
-        retry=RetryPolicy(max_retries=settings.tools_max_retries, backoff_s=backoff_s),
+        retry=RetryPolicy(
+            max_retries=settings.tools_max_retries,
+            backoff_s=settings.tools_backoff_s if backoff_s is None else backoff_s,
+        ),
         redactor=Redactor([settings.tools_rapidapi_key, settings.tools_virtual_key, settings.llm_api_key]),
         sleep=sleep,
     )

@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from shared.tools.base import ToolBackend
 from shared.tools.errors import MirrorMissError, ToolInputError, ToolSetupError
 from shared.tools.models import CallContext, canonical_arguments, parse_action_input
 
-__all__ = ["MirrorBackend", "MirrorRecord", "Recording"]
+__all__ = ["MirrorBackend", "MirrorRecord", "Recording", "recordings_of"]
 
 
 class MirrorRecord(BaseModel):
@@ -162,8 +161,3 @@ def _select(candidates: Sequence[Recording], context: CallContext, occurrence: i
         return exact[0]
     # Called more often than recorded: the last recorded answer is the best guess.
     return max(pool, key=lambda r: r.occurrence) if occurrence > 0 else pool[0]
-
-
-def load_records(path: Path) -> list[MirrorRecord]:
-    """Parse an α-UMi data file (handy for tests and tooling)."""
-    return _RECORDS.validate_python(json.loads(path.read_text(encoding="utf-8")))

@@ -9,7 +9,7 @@ Usage::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -108,8 +108,3 @@ def _json_type(value: object) -> str:
 def canonical_arguments(arguments: dict[str, Any]) -> str:
     """One string per argument set regardless of key order and whitespace."""
     return json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def context_for(tools: Sequence[ToolDoc], history: Sequence[Turn]) -> CallContext:
-    """A :class:`CallContext` from the executor's arguments."""
-    return CallContext(tools=tuple(tools), history=tuple(history))

@@ -124,11 +124,11 @@ class NetworkGuard:
         host resolves to must be global or allow-listed (one internal address refuses
         the host: that is how DNS-based tricks mix them).
         """
-        host = host.strip().strip("[]")
+        host = host.strip().strip("[]").lower()
         if not host:
             raise EgressRefused("the URL has no host")
         addresses = self._resolve_or_fail(host, port)
-        if host.lower().rstrip(".") in self._names:
+        if host.rstrip(".") in self._names:
             return addresses
         for address in addresses:
             self._vet(host, address)

@@ -9,6 +9,7 @@ Usage::
     redact = Redactor([settings.tools_rapidapi_key])
     redact("key=sk-123")          # 'key=***'
     log_redacted(logger, logging.INFO, redact, "calling %s", url)
+    install_log_redaction(redact)  # also mask records of httpx/httpcore (URLs may echo arguments)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from urllib.parse import quote, quote_plus
 
 from pydantic import SecretStr
 
-__all__ = ["MASK", "Redactor", "log_redacted"]
+__all__ = ["MASK", "RedactingFilter", "Redactor", "install_log_redaction", "log_redacted"]
 
 MASK = "***"
 
@@ -40,6 +41,12 @@ class Redactor:
     def __bool__(self) -> bool:
         return bool(self._forms)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Redactor) and other._forms == self._forms
+
+    def __hash__(self) -> int:
+        return hash(self._forms)
+
     def __repr__(self) -> str:
         return f"Redactor({len(self._forms)} forms)"
 
@@ -53,7 +60,7 @@ class Redactor:
 
 def _encoded_forms(value: str) -> set[str]:
     forms = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
-    forms.update({quote(value, safe=""), quote_plus(value, safe="")})
+    forms.update({quote(value, safe=""), quote(value), quote_plus(value, safe="")})
     return {form for form in forms if form}
 
 
@@ -62,4 +69,50 @@ def log_redacted(logger: logging.Logger, level: int, redact: Redactor, message: 
     if not logger.isEnabledFor(level):
         return
     text = message % args if args else message
-    logger.log(level, "%s", redact(text))
+    logger.log(level, "%s", redact(text), stacklevel=2)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks secrets in the formatted message of every record it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._redactors: list[Redactor] = []
+
+    def add(self, redactor: Redactor) -> None:
+        """Also mask the secrets of ``redactor``."""
+        if redactor and redactor not in self._redactors:
+            self._redactors.append(redactor)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._redactors:
+            return True
+        message = record.getMessage()
+        masked = message
+        for redact in self._redactors:
+            masked = redact(masked)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+_FILTER = RedactingFilter()
+#: Loggers whose records may carry tool arguments (httpx logs each request URL at INFO).
+#: A logger's filters do not apply to its children's records, so each is named.
+REDACTED_LOGGERS = (
+    "shared.tools",
+    "httpx",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+)
+
+
+def install_log_redaction(redactor: Redactor) -> None:
+    """Mask ``redactor``'s secrets in records of :data:`REDACTED_LOGGERS` (idempotent)."""
+    _FILTER.add(redactor)
+    for name in REDACTED_LOGGERS:
+        log = logging.getLogger(name)
+        if _FILTER not in log.filters:
+            log.addFilter(_FILTER)
