@@ -41,7 +41,9 @@ __all__ = [
 SIMULATED_SGLANG_VERSION = "0.5.23"
 
 #: The α-UMi example trajectories shipped with the product (ToolBench-derived, Apache-2.0).
-DEFAULT_DATA_FILES: tuple[Path, ...] = (Path(__file__).resolve().parents[2] / "shared" / "data" / "raw_data_stage_2.json",)
+DEFAULT_DATA_FILES: tuple[Path, ...] = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "raw_data_stage_2.json",
+)
 
 
 class LatencyProfile(BaseModel):
@@ -59,7 +61,15 @@ class LatencyProfile(BaseModel):
     prefill_s_per_token: float = Field(default=0.0, ge=0, description="Prefill time per prompt token not in the cache.")
     decode_s_per_token: float = Field(default=0.0, ge=0, description="Time per generated token.")
     max_running_requests: int = Field(default=1024, ge=1, description="Requests served concurrently.")
-    max_queued_requests: int | None = Field(default=None, ge=0, description="Waiting requests allowed; None = unlimited.")
+    max_queued_requests: int | None = Field(default=None, ge=0, description="Waiting requests allowed; None: no limit.")
+
+    @classmethod
+    def preset(cls, name: str) -> LatencyProfile:
+        """The named preset (see :data:`LATENCY_PROFILES`); raises ``ValueError`` for unknown names."""
+        try:
+            return LATENCY_PROFILES[name]
+        except KeyError:
+            raise ValueError(f"unknown latency profile {name!r}; choose one of {sorted(LATENCY_PROFILES)}") from None
 
 
 #: No latency and (practically) unlimited concurrency: the default, for tests and demos.
@@ -74,10 +84,13 @@ LLAMA2_7B_1GPU = LatencyProfile(
     max_queued_requests=None,
 )
 
-#: Preset names accepted by ``SimulatorConfig(latency=...)`` and the CLI's ``--latency``.
+#: Preset names accepted by ``SimulatorConfig(latency=...)``, :meth:`LatencyProfile.preset` and the CLIs
+#: (``none``/``realistic`` are the names ``umi sim serve --latency`` uses).
 LATENCY_PROFILES: dict[str, LatencyProfile] = {
     "instant": INSTANT,
+    "none": INSTANT,
     "llama2-7b-1gpu": LLAMA2_7B_1GPU,
+    "realistic": LLAMA2_7B_1GPU,
 }
 
 _LATENCY_FIELDS = tuple(LatencyProfile.model_fields)
@@ -87,12 +100,13 @@ class SimulatorConfig(BaseModel):
     """One simulated SGLang server (one replica of one role, or of all three).
 
     ``latency`` may be given as a preset name or a :class:`LatencyProfile`; it fills
-    the latency fields not given explicitly.
+    the latency fields not given explicitly. ``data_files`` may also be passed as ``data``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    data_files: list[Path] = Field(default_factory=lambda: list(DEFAULT_DATA_FILES))
+    #: Trajectory / ``{input, target}`` files to replay (also accepted as ``data=``).
+    data_files: list[Path] = Field(default_factory=lambda: list(DEFAULT_DATA_FILES), alias="data")
     #: Only replay this role's recordings (None: all three roles).
     role: LLMRole | None = None
     host: str = "127.0.0.1"
@@ -124,9 +138,7 @@ class SimulatorConfig(BaseModel):
         data = dict(data)
         profile = data.pop("latency")
         if isinstance(profile, str):
-            if profile not in LATENCY_PROFILES:
-                raise ValueError(f"unknown latency profile {profile!r}; choose one of {sorted(LATENCY_PROFILES)}")
-            profile = LATENCY_PROFILES[profile]
+            profile = LatencyProfile.preset(profile)
         elif isinstance(profile, dict):
             profile = LatencyProfile.model_validate(profile)
         if not isinstance(profile, LatencyProfile):

@@ -18,7 +18,14 @@ from typing import Any, Protocol
 from services.simulator.grammar import GrammarSyntaxError, compile_ebnf
 from services.simulator.json_schema import JsonSchema, JsonSchemaError
 
-__all__ = ["Constraint", "ConstraintCompileError", "RegexConstraint", "compile_constraint", "regex_example"]
+__all__ = [
+    "Constraint",
+    "ConstraintCompileError",
+    "RegexConstraint",
+    "compile_constraint",
+    "constraint_accepts",
+    "regex_example",
+]
 
 #: SGLang's names for the grammar kinds, as used in its error messages.
 KIND_BY_PARAM = {"json_schema": "json", "regex": "regex", "ebnf": "ebnf", "structural_tag": "structural_tag"}
@@ -116,6 +123,16 @@ def compile_constraint(param: str, source: str) -> Constraint:
     except (GrammarSyntaxError, JsonSchemaError) as exc:
         raise ConstraintCompileError(kind, str(exc)) from exc
     raise ConstraintCompileError(kind, "structural_tag is not supported by the SGLang simulator")
+
+
+@functools.lru_cache(maxsize=4096)
+def constraint_accepts(param: str, source: str, text: str) -> bool:
+    """Whether ``text`` satisfies the (compiled, cached) constraint; verdicts are cached too.
+
+    Replayed continuations are checked against the same constraints again and
+    again under load, and an Earley parse of a long tool call is not free.
+    """
+    return compile_constraint(param, source).accepts(text)
 
 
 # --- regex example -------------------------------------------------------------------

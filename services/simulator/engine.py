@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.simulator.config import SimulatorConfig
-from services.simulator.constraints import Constraint, ConstraintCompileError, compile_constraint
+from services.simulator.constraints import (
+    Constraint,
+    ConstraintCompileError,
+    compile_constraint,
+    constraint_accepts,
+)
 from services.simulator.decoding import Completion, DecodeOptions, decode_continuation
 from services.simulator.errors import RequestValueError, SchedulerAbort
 from services.simulator.metrics import SimulatorMetrics
@@ -137,7 +142,8 @@ class SimulatorEngine:
         constraint = self._constraint(prepared.params)
         recording = self.index.lookup(prepared.prompt_text)
         if recording is not None:
-            if constraint is not None and not constraint.accepts(recording.continuation):
+            spec = prepared.params.constraint
+            if constraint is not None and spec is not None and not constraint_accepts(*spec, recording.continuation):
                 raise SchedulerAbort(
                     f"SGLang simulator: the recorded continuation for this prompt ({recording.source}) violates "
                     f"the request's {constraint.kind} constraint, so a real server could not have produced it."
@@ -218,7 +224,7 @@ class SimulatorEngine:
         self.cache.insert(prepared.prompt_ids)
         total = completion.completion_tokens
         ttft = time.monotonic() - prepared.created + (profile.decode_s_per_token if total else 0.0)
-        interval = (prepared.params.stream_interval or self.config.stream_interval) if stream else max(total, 1)
+        interval = max(1, prepared.params.stream_interval or self.config.stream_interval) if stream else max(total, 1)
         done = 0
         while done < total:
             step = min(interval, total - done)
@@ -256,7 +262,9 @@ class SimulatorEngine:
             self._add_final_times(prepared, payload)
         return payload
 
-    def _final_payload(self, prepared: PreparedItem, completion: Completion, done: int, aborted: bool) -> dict[str, Any]:
+    def _final_payload(
+        self, prepared: PreparedItem, completion: Completion, done: int, aborted: bool
+    ) -> dict[str, Any]:
         if not aborted:
             return self._payload(prepared, completion, completion.completion_tokens, final=True)
         text, ids = completion.prefix(done)

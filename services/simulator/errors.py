@@ -3,16 +3,13 @@
 Real SGLang answers errors differently depending on the layer that raises them
 (see the handbook's SGLang reference, "Errors"):
 
-========================================  ======  =====================================================
-cause                                     status  body
-========================================  ======  =====================================================
-body fails FastAPI/pydantic parsing       400     ``{"object":"error","message",...,"type":"Bad Request","param":null,"code":400}``
-contract violation                        400     ``{"error": "<text>"}``
-``ValueError`` in tokenize/verify         400     ``{"error": {"message": "<text>"}}``
-scheduler abort with status 400           400     ``{"error": {"message": "<text>"}}``
-scheduler abort with another status       e.g.503 ``{"object":"error","message",...,"type":"503","param":null,"code":503}``
-missing/wrong API key                     401     ``{"error": "Unauthorized"}``
-========================================  ======  =====================================================
+* body fails FastAPI/pydantic parsing: 400
+  ``{"object": "error", "message", "type": "Bad Request", "param": null, "code": 400}``;
+* contract violation: 400 ``{"error": "<text>"}``;
+* ``ValueError`` in tokenize/verify, or a scheduler abort with status 400: 400 ``{"error": {"message": "<text>"}}``;
+* scheduler abort with another status, e.g. a full queue: 503
+  ``{"object": "error", "message", "type": "503", "param": null, "code": 503}``;
+* missing or wrong API key: 401 ``{"error": "Unauthorized"}``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ class SimulatorMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         labels = ["model_name"]
-        self._prompt_tokens = Counter("sglang:prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry)
+        self._prompt_tokens = Counter(
+            "sglang:prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry
+        )
         self._generation_tokens = Counter(
             "sglang:generation_tokens", "Generation tokens produced.", labels, registry=self.registry
         )

@@ -41,7 +41,11 @@ __all__ = ["Recording", "ReplayIndex", "detect_role", "load_records", "trajector
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = ((PLANNER_SUFFIX, LLMRole.PLANNER), (CALLER_SUFFIX, LLMRole.CALLER), (SUMMARIZER_SUFFIX, LLMRole.SUMMARIZER))
+_SUFFIXES = (
+    (PLANNER_SUFFIX, LLMRole.PLANNER),
+    (CALLER_SUFFIX, LLMRole.CALLER),
+    (SUMMARIZER_SUFFIX, LLMRole.SUMMARIZER),
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class ReplayIndex:
                     if role is None or point_role is role:
                         index.add(prompt, Recording(continuation, point_role, source))
         if index.conflicts:
-            log.warning("simulator: %d prompts were recorded with different continuations; kept the first", index.conflicts)
+            log.warning("simulator: %d prompts were recorded twice, differently; kept the first", index.conflicts)
         return index
 
     def add(self, prompt: str, recording: Recording) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -88,7 +90,7 @@ class ApiKeyMiddleware:
     def _authorized(self, scope: Scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and token == self.api_key
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), self.api_key.encode())
 
 
 # --- request pipeline ----------------------------------------------------------------------------
@@ -380,6 +382,10 @@ def _register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SimulatorHTTPError)
     async def simulator_error(_: Request, exc: SimulatorHTTPError) -> JSONResponse:
         return _json(exc.status_code, exc.body)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _json(400, bad_request_body(f"{exc} {exc.errors()}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

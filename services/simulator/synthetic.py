@@ -32,6 +32,7 @@ _TOOL_LIST_END = "],\nAction Input:"
 _OBSERVATION = f"{Speaker.OBSERVATION.value}: "
 _TURN_STARTS = tuple(f"{speaker.value}: " for speaker in Speaker if speaker is not Speaker.OBSERVATION)
 _QUOTE_CHARS = 200
+_SIMULATED_PREFIX = "This answer was simulated by the SGLang simulator (no model was run)"
 
 
 class SyntheticUnavailable(ValueError):
@@ -82,10 +83,10 @@ def _caller_answer(prompt: str) -> str:
 def _summarizer_answer(prompt: str) -> str:
     observation = _last_observation(prompt)
     if observation is None:
-        return "This answer was simulated by the SGLang simulator (no model was run); no tool observation was available."
+        return f"{_SIMULATED_PREFIX}; no tool observation was available."
     if len(observation) > _QUOTE_CHARS:
         observation = observation[:_QUOTE_CHARS] + "..."
-    return f"This answer was simulated by the SGLang simulator (no model was run). The last observation was: {observation}"
+    return f"{_SIMULATED_PREFIX}. The last observation was: {observation}"
 
 
 def _documented_tool_names(prompt: str) -> list[str]:
