@@ -29,7 +29,7 @@ __all__ = ["BUNDLED_TRAJECTORIES", "EmbeddedSystem", "embedded_settings"]
 logger = logging.getLogger(__name__)
 
 BUNDLED_TRAJECTORIES = Path(__file__).resolve().parent / "data" / "raw_data_stage_2.json"
-EMBEDDED_BROKER_URL = "memory://"
+EMBEDDED_BROKER_URL = "memory://localhost/"
 
 
 def embedded_settings(environ: dict[str, str] | None = None, **overrides: object) -> tuple[Settings, list[LLMRole]]:

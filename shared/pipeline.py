@@ -40,6 +40,7 @@ from shared.roles import LLMRole, StepRole
 from shared.schemas import TERMINAL_STATUSES, EndReason, StepJob, TaskStatus
 from shared.settings import Settings
 from shared.sglang_client import SGLangClient, SGLangError
+from shared.tools import ToolExecutor, build_executor
 
 __all__ = [
     "Dispatcher",
@@ -82,9 +83,10 @@ class Runtime:
 
     settings: Settings
     dispatcher: Dispatcher
+    #: A ready tool executor; by default one is built from the settings on first use.
+    tools: ToolExecutor | None = None
     engine: Engine = field(init=False)
     _clients: dict[LLMRole, SGLangClient] = field(default_factory=dict, init=False, repr=False)
-    _tools: object | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,19 +99,19 @@ class Runtime:
                 self._clients[role] = client_for_role(role, self.settings)
             return self._clients[role]
 
-    def tool_executor(self):  # noqa: ANN201  (ToolExecutor; imported lazily: only the tools worker needs it)
-        """The tool executor configured from settings."""
-        from shared.tools import build_executor
-
+    def tool_executor(self) -> ToolExecutor:
+        """The tool executor (built from settings on first use)."""
         with self._lock:
-            if self._tools is None:
-                self._tools = build_executor(self.settings)
-            return self._tools
+            if self.tools is None:
+                self.tools = build_executor(self.settings)
+            return self.tools
 
     def close(self) -> None:
         """Close the LLM clients' connection pools."""
         for client in self._clients.values():
             client.close()
+        if self.tools is not None:
+            self.tools.close()
 
 
 @dataclass
