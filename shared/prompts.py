@@ -15,19 +15,21 @@ Usage::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.roles import StepRole
+from shared.roles import LLMRole, StepRole
 
 __all__ = [
     "PLANNER_TEMPLATE",
     "CALLER_TEMPLATE",
     "SUMMARIZER_TEMPLATE",
     "CallerAction",
+    "ModelCall",
+    "model_calls",
     "NextRole",
     "PlannerDecision",
     "Speaker",
@@ -227,3 +229,31 @@ def truncate_observation(observation: str, limit: int = MAX_OBSERVATION_CHARS) -
     if len(observation) > limit:
         return observation[:limit] + "..."
     return observation
+
+
+class ModelCall(BaseModel):
+    """One model call of a recorded trajectory: the exact prompt and the recorded continuation."""
+
+    role: LLMRole
+    prompt: str
+    continuation: str
+
+
+def model_calls(tools: Sequence[ToolDoc], turns: Sequence[Turn]) -> Iterator[ModelCall]:
+    """Every planner, caller and summarizer call a trajectory implies, in order.
+
+    Each assistant turn is a planner call on the history before it; a following
+    caller (conclusion) turn is a caller (summarizer) call on the history that
+    ends with that assistant turn — exactly how GLPFT builds its training inputs.
+    """
+    for i, turn in enumerate(turns):
+        if turn.speaker is not Speaker.ASSISTANT:
+            continue
+        yield ModelCall(role=LLMRole.PLANNER, prompt=render_planner_prompt(tools, turns[:i]), continuation=turn.value)
+        following = turns[i + 1] if i + 1 < len(turns) else None
+        if following is not None and following.speaker is Speaker.CALLER and tools:
+            prompt = render_caller_prompt(tools, turns[: i + 1])
+            yield ModelCall(role=LLMRole.CALLER, prompt=prompt, continuation=following.value)
+        elif following is not None and following.speaker is Speaker.CONCLUSION:
+            prompt = render_summarizer_prompt(turns[: i + 1])
+            yield ModelCall(role=LLMRole.SUMMARIZER, prompt=prompt, continuation=following.value)

@@ -17,6 +17,7 @@ from shared.prompts import (
     render_history,
     render_planner_prompt,
     render_summarizer_prompt,
+    model_calls,
     truncate_observation,
 )
 from tests.conftest import TRAIN_DIR, load_trajectories
@@ -28,15 +29,8 @@ def _rebuilt_inputs() -> dict[str, list[str]]:
     for record in load_trajectories():
         tools = [ToolDoc.model_validate(t) for t in record["tools"]]
         turns = [Turn.model_validate(c) for c in record["conversations"]]
-        for i, turn in enumerate(turns):
-            if turn.speaker is not Speaker.ASSISTANT:
-                continue
-            inputs["planner"].append(render_planner_prompt(tools, turns[:i]))
-            following = turns[i + 1].speaker if i + 1 < len(turns) else None
-            if following is Speaker.CALLER:
-                inputs["caller"].append(render_caller_prompt(tools, turns[: i + 1]))
-            elif following is Speaker.CONCLUSION:
-                inputs["summarizer"].append(render_summarizer_prompt(turns[: i + 1]))
+        for call in model_calls(tools, turns):
+            inputs[call.role.value].append(call.prompt)
     return inputs
 
 

@@ -25,6 +25,7 @@ from shared.prompts import (
     Speaker,
     ToolDoc,
     Turn,
+    model_calls,
     render_caller_prompt,
     render_planner_prompt,
     render_summarizer_prompt,
@@ -44,18 +45,8 @@ def _decision_points() -> list[dict[str, Any]]:
     for record in load_trajectories():
         tools = [ToolDoc.model_validate(t) for t in record["tools"]]
         turns = [Turn.model_validate(c) for c in record["conversations"]]
-        for i, turn in enumerate(turns):
-            if turn.speaker is not Speaker.ASSISTANT:
-                continue
-            points.append({"role": "planner", "prompt": render_planner_prompt(tools, turns[:i]),
-                           "value": turn.value, "tools": tools})
-            following = turns[i + 1] if i + 1 < len(turns) else None
-            if following is not None and following.speaker is Speaker.CALLER:
-                points.append({"role": "caller", "prompt": render_caller_prompt(tools, turns[: i + 1]),
-                               "value": following.value, "tools": tools})
-            elif following is not None and following.speaker is Speaker.CONCLUSION:
-                points.append({"role": "summarizer", "prompt": render_summarizer_prompt(turns[: i + 1]),
-                               "value": following.value, "tools": tools})
+        for call in model_calls(tools, turns):
+            points.append({"role": call.role.value, "prompt": call.prompt, "value": call.continuation, "tools": tools})
     return points
 
 

@@ -28,12 +28,9 @@ from shared.prompts import (
     CALLER_SUFFIX,
     PLANNER_SUFFIX,
     SUMMARIZER_SUFFIX,
-    Speaker,
     ToolDoc,
     Turn,
-    render_caller_prompt,
-    render_planner_prompt,
-    render_summarizer_prompt,
+    model_calls,
 )
 from shared.roles import LLMRole
 
@@ -69,17 +66,8 @@ def trajectory_decision_points(record: dict[str, Any]) -> Iterator[tuple[LLMRole
     """``(role, prompt, continuation)`` for every model call in one α-UMi trajectory."""
     tools = [ToolDoc.model_validate(tool) for tool in record.get("tools", [])]
     turns = [Turn.model_validate(turn) for turn in record["conversations"]]
-    for i, turn in enumerate(turns):
-        if turn.speaker is not Speaker.ASSISTANT:
-            continue
-        yield LLMRole.PLANNER, render_planner_prompt(tools, turns[:i]), turn.value
-        following = turns[i + 1] if i + 1 < len(turns) else None
-        if following is None:
-            continue
-        if following.speaker is Speaker.CALLER and tools:
-            yield LLMRole.CALLER, render_caller_prompt(tools, turns[: i + 1]), following.value
-        elif following.speaker is Speaker.CONCLUSION:
-            yield LLMRole.SUMMARIZER, render_summarizer_prompt(turns[: i + 1]), following.value
+    for call in model_calls(tools, turns):
+        yield call.role, call.prompt, call.continuation
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:

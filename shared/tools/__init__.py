@@ -13,28 +13,8 @@ The HTTP and virtual backends connect only through the egress guard (:class:`Net
 no private, loopback, link-local, multicast, reserved or unspecified addresses unless
 allow-listed in ``UMI_TOOLS_ALLOW_HOSTS``, and no redirects.
 
-Errors (every :class:`ToolCallError` becomes a ToolBench error observation; the task goes on)::
-
-    ToolError                          base of everything raised by shared.tools
-    ├── ToolSetupError                 bad mirror file / catalog / registry use (build time)
-    └── ToolCallError                  one call failed; carries its error observation
-        ├── CallRejected               the call never reached a backend
-        │   ├── UnknownToolError       action is not one of the task's tool Names
-        │   ├── ToolInputError         Action Input is not a JSON object
-        │   └── NoBackendError         no configured backend serves the tool
-        └── BackendError               a backend could not produce an answer
-            ├── TransientBackendError  retried with exponential backoff
-            │   ├── BackendTimeout     the call ran past its timeout
-            │   ├── BackendUnavailable connection refused / reset / protocol error
-            │   └── RetryableStatus    HTTP 5xx or 429
-            └── PermanentBackendError  not retried
-                ├── HttpStatusError    any other non-2xx (redirects are not followed)
-                ├── BadResponseError   a reply the protocol does not allow
-                ├── EgressRefused      the network guard refused the destination
-                ├── InvalidArgumentsError  missing / unexpected parameters
-                ├── MirrorMissError    no recording matches (mirror backend)
-                ├── ToolFunctionError  a registered Python function raised or hung
-                └── ApiReportedError   a /virtual server answered with an error
+Errors: every :class:`ToolCallError` becomes a ToolBench error observation and the task goes
+on; the whole hierarchy is drawn in :mod:`shared.tools.errors`.
 
 Usage::
 
