@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "loglevel", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
     try:
         return int(args.func(args) or 0)
     except (ConfigurationError, UsageError, SchemaOutOfDate) as exc:
