@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,33 @@ def _parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="message broker")
     broker_sub = broker.add_subparsers(required=True, metavar="action")
     broker_sub.add_parser("declare", help="declare exchanges and queues").set_defaults(func=_cmd_broker_declare)
+
+    evaluation = sub.add_parser("eval", help="α-UMi static evaluation")
+    eval_sub = evaluation.add_subparsers(required=True, metavar="action")
+    static = eval_sub.add_parser("static", help="run every planner decision point of a test file through the system")
+    static.add_argument("--data", type=Path, required=True, help="α-UMi test file ({tools, instruction, conversations})")
+    static.add_argument("--out", type=Path, required=True, help="folder for predictions.json and metrics.json")
+    static.add_argument("--limit", type=int, default=None, help="only the first N decision points")
+    static.add_argument("--concurrency", type=int, default=16, help="decision points in flight at once")
+    static.add_argument("--temperature", type=float, default=0.5)
+    static.add_argument("--max-new-tokens", type=int, default=512)
+    static.add_argument("--greedy", action="store_true", help="temperature 0: reproducible runs")
+    static.add_argument("--constrained", action="store_true", help="constrained decoding (off: as the paper's runs)")
+    static.add_argument("--loglevel", default="WARNING")
+    static.set_defaults(func=_cmd_eval_static)
+    score = eval_sub.add_parser("score", help="the static metrics of an α-UMi predictions file")
+    score.add_argument("--predictions", type=Path, required=True)
+    score.add_argument("--out", type=Path, default=None, help="write metrics.json here")
+    score.set_defaults(func=_cmd_eval_score, loglevel="WARNING")
+
+    export = sub.add_parser("export", help="export trajectories")
+    export_sub = export.add_subparsers(required=True, metavar="format")
+    glpft = export_sub.add_parser("glpft", help="GLPFT training files (backbone, planner, caller, summarizer)")
+    glpft.add_argument("--out", type=Path, required=True)
+    source = glpft.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-db", action="store_true", help="trajectories stored by the system (UMI_DATABASE_URL)")
+    source.add_argument("--data", type=Path, help="an α-UMi trajectory file")
+    glpft.set_defaults(func=_cmd_export_glpft, loglevel="WARNING")
 
     dlq = sub.add_parser("dlq", help="dead-letter queue")
     dlq_sub = dlq.add_subparsers(required=True, metavar="action")
@@ -270,6 +299,123 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
     for letter in letters:
         print(f"{letter.source_queue}: {letter.reason}\n    {letter.body[:200]}")
     print(f"{len(letters)} dead letter(s) shown")
+    return 0
+
+
+def _read_json_list(path: Path, what: str) -> list[Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{what}: file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what}: {path} is not JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise UsageError(f"{what}: {path} must hold a JSON list of records")
+    return data
+
+
+def _cmd_eval_static(args: argparse.Namespace) -> int:
+    from shared.evaluation import metrics_table, score_predictions
+    from shared.static_eval import StaticEvalOptions, decision_points, run_static_eval, write_results
+
+    records = _read_json_list(args.data, "--data")
+    try:
+        points = decision_points(records, limit=args.limit)
+    except (KeyError, ValidationError) as exc:
+        raise UsageError(f"--data: {args.data} is not an α-UMi test file: {exc}") from None
+    options = StaticEvalOptions(
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        constrained=args.constrained,
+        concurrency=args.concurrency,
+    )
+    print(f"{len(points)} decision points from {args.data}", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 20) == 0:
+            print(f"  {done}/{total} decision points", file=sys.stderr, flush=True)
+
+    with _evaluation_system(args, concurrency=args.concurrency) as (engine, dispatcher, settings):
+        predictions = run_static_eval(points, engine=engine, dispatcher=dispatcher, settings=settings, options=options, progress=progress)
+    metrics = score_predictions(predictions)
+    write_results(args.out, predictions, metrics)
+    print(metrics_table(metrics))
+    print(f"wrote {args.out / 'predictions.json'} and {args.out / 'metrics.json'}")
+    return 0
+
+
+@contextlib.contextmanager
+def _evaluation_system(args: argparse.Namespace, *, concurrency: int) -> Iterator[tuple[Any, Any, Any]]:
+    """The configured system: the broker and role services if UMI_BROKER_URL is set, else embedded."""
+    import os
+
+    from shared.db import ensure_schema_current, get_engine
+    from shared.embedded import EmbeddedSystem
+
+    if "UMI_BROKER_URL" in os.environ:
+        from shared.celery_app import create_celery_app
+        from shared.topology import Topology
+        from shared.worker import CeleryDispatcher
+
+        settings = get_settings()
+        ensure_schema_current(settings.database_url)
+        app = create_celery_app(settings, name="umi.eval")
+        with app.connection_for_write() as connection:
+            Topology(settings).declare(connection)
+        print(f"running through the role services on {settings.broker_url.split('@')[-1]}", file=sys.stderr)
+        yield get_engine(settings.database_url), CeleryDispatcher(app), settings
+        return
+    overrides: dict[str, object] = {}
+    if "UMI_DATABASE_URL" not in os.environ:
+        overrides["database_url"] = f"sqlite:///{(args.out / 'eval.db').resolve()}"
+    system = EmbeddedSystem.start(
+        concurrency=max(8, concurrency), simulator_data=[args.data], with_gateway=False, **overrides
+    )
+    try:
+        for line in system.describe()[1:]:
+            print("  " + line, file=sys.stderr)
+        from shared.celery_app import create_celery_app
+        from shared.worker import CeleryDispatcher
+
+        dispatcher = CeleryDispatcher(create_celery_app(system.settings, name="umi.eval"))
+        yield get_engine(system.settings.database_url), dispatcher, system.settings
+    finally:
+        system.stop()
+
+
+def _cmd_eval_score(args: argparse.Namespace) -> int:
+    from shared.evaluation import metrics_table, score_predictions
+
+    records = _read_json_list(args.predictions, "--predictions")
+    try:
+        metrics = score_predictions(records)
+    except (KeyError, ValidationError) as exc:
+        raise UsageError(f"--predictions: {args.predictions} is not an α-UMi predictions file: {exc}") from None
+    print(metrics_table(metrics))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(metrics.model_dump(), indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_export_glpft(args: argparse.Namespace) -> int:
+    from shared.glpft import build_glpft, write_glpft
+
+    if args.from_db:
+        from shared.db import ensure_schema_current, get_engine
+        from shared.trajectories import stored_trajectories
+
+        settings = get_settings()
+        ensure_schema_current(settings.database_url)
+        trajectories = stored_trajectories(get_engine(settings.database_url))
+    else:
+        trajectories = _read_json_list(args.data, "--data")
+    dataset = build_glpft(trajectories)
+    write_glpft(dataset, args.out)
+    counts = ", ".join(f"{name} {len(getattr(dataset, name))}" for name in ("backbone", "planner", "caller", "summarizer"))
+    print(f"wrote {args.out}: {counts} records (from {len(trajectories)} trajectories)")
     return 0
 
 

@@ -6,12 +6,12 @@ Keyword-only, each takes a session, none commits: the caller owns the transactio
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
 from shared.models import Step, Task, ToolCall, ToolCallStatus, utcnow
-from shared.prompts import Speaker, ToolDoc, Turn
+from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output, parse_planner_output
 from shared.roles import StepRole
 from shared.schemas import TERMINAL_STATUSES, EndReason, StepPublic, TaskCreate, TaskPublic, TaskStatus
 
@@ -30,7 +30,7 @@ __all__ = [
 
 
 def create_task(*, session: Session, task_in: TaskCreate, max_steps: int, timeout_s: float, constrained: bool) -> Task:
-    """Insert a queued task and its step 0 (the user's query)."""
+    """Insert a queued task, its step 0 (the user's query) and any history it continues from."""
     now = utcnow()
     task = Task(
         status=TaskStatus.QUEUED,
@@ -38,6 +38,9 @@ def create_task(*, session: Session, task_in: TaskCreate, max_steps: int, timeou
         tools=[tool.model_dump() for tool in task_in.tools],
         max_steps=max_steps,
         constrained=constrained,
+        mode=task_in.mode,
+        temperature=task_in.temperature,
+        max_new_tokens=task_in.max_new_tokens,
         deadline_at=now + timedelta(seconds=timeout_s),
         created_at=now,
         updated_at=now,
@@ -45,7 +48,22 @@ def create_task(*, session: Session, task_in: TaskCreate, max_steps: int, timeou
     session.add(task)
     session.flush()
     session.add(Step(task_id=task.id, index=0, role=StepRole.USER, output=task_in.query, created_at=now))
+    for index, turn in enumerate(task_in.history, start=1):
+        session.add(_history_step(task.id, index, turn, now))
     return task
+
+
+def _history_step(task_id: uuid.UUID, index: int, turn: Turn, now: datetime) -> Step:
+    """A given history turn stored as a step, exactly as if the system had produced it."""
+    role = turn.speaker.step_role
+    step = Step(task_id=task_id, index=index, role=role, output=turn.value, created_at=now)
+    if role is StepRole.PLANNER:
+        decision = parse_planner_output(turn.value)
+        # A recorded thought without a Next marker is plain content: the planner speaks again.
+        step.next_role = decision.next if decision.marker_found else None
+    elif role is StepRole.CALLER:
+        step.tool_name = parse_caller_output(turn.value).action
+    return step
 
 
 def get_task(*, session: Session, task_id: uuid.UUID, for_update: bool = False) -> Task | None:

@@ -63,12 +63,17 @@ class EmbeddedSystem:
         concurrency: int = 8,
         simulator_data: list[Path] | None = None,
         environ: dict[str, str] | None = None,
+        with_gateway: bool = True,
+        **overrides: object,
     ) -> EmbeddedSystem:
-        """Start simulators, workers and the gateway; returns once the gateway accepts requests."""
+        """Start simulators, workers and (unless ``with_gateway=False``) the gateway.
+
+        Returns once everything accepts work. ``overrides`` are settings fields.
+        """
         from services.gateway.app import create_app as create_gateway
         from services.simulator import SimulatorConfig, create_app as create_simulator
 
-        settings, simulated = embedded_settings(environ)
+        settings, simulated = embedded_settings(environ, **overrides)
         system = cls(settings=settings)
         try:
             urls: dict[str, object] = {}
@@ -83,8 +88,9 @@ class EmbeddedSystem:
             for role in QUEUE_ROLES:
                 app = importlib.import_module(f"services.{role.value}.worker").create_app(settings)
                 system._stops.append(start_worker_thread(app, role, settings, concurrency=concurrency))
-            system.gateway = ServerThread(create_gateway(settings), host=host, port=port).start()
-            system._stops.append(system.gateway.stop)
+            if with_gateway:
+                system.gateway = ServerThread(create_gateway(settings), host=host, port=port).start()
+                system._stops.append(system.gateway.stop)
         except BaseException:
             system.stop()
             raise

@@ -63,16 +63,21 @@ def build_role_request(
     constrained: bool,
     rid: str | None = None,
     greedy: bool = False,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
 ) -> GenerateRequest:
     """The ``/generate`` request for one step of ``role`` on the raw-text ``prompt``.
 
     ``greedy`` sets temperature 0 (deterministic runs, evaluation); otherwise
     the settings' temperature and top_p apply. ``constrained`` adds the role's
-    grammar (at most one per request, as SGLang requires).
+    grammar (at most one per request, as SGLang requires). ``temperature`` and
+    ``max_new_tokens`` override the settings for one task.
     """
+    if temperature is None:
+        temperature = settings.temperature
     params: dict[str, Any] = {
-        "max_new_tokens": settings.max_new_tokens,
-        "temperature": 0.0 if greedy else settings.temperature,
+        "max_new_tokens": max_new_tokens or settings.max_new_tokens,
+        "temperature": 0.0 if greedy else temperature,
         "top_p": settings.top_p,
         "stop": [STOP_SEQUENCE],
     }

@@ -37,6 +37,9 @@ class Task(SQLModel, table=True):
     end_reason: str | None = Field(default=None, max_length=32)
     max_steps: int
     constrained: bool
+    mode: str = Field(default="agent", max_length=16, sa_column_kwargs={"server_default": "agent"})
+    temperature: float | None = None
+    max_new_tokens: int | None = None
     deadline_at: datetime
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

@@ -164,6 +164,8 @@ def _next_role_after(step: Step) -> StepRole | None:
             return StepRole.CALLER
         case StepRole.PLANNER if step.next_role == NextRole.CONCLUSION:
             return StepRole.SUMMARIZER
+        case StepRole.PLANNER if step.next_role is None:
+            return StepRole.PLANNER  # a given plain-content thought: the planner speaks again
         case _:
             return None
 
@@ -289,6 +291,8 @@ def run_llm_step(
         settings=rt.settings,
         constrained=context.task.constrained,
         rid=f"{job.task_id.hex}-{job.step_index}-{uuid.uuid4().hex[:8]}",
+        temperature=context.task.temperature,
+        max_new_tokens=context.task.max_new_tokens,
     )
     started = time.monotonic()
     try:

@@ -84,6 +84,11 @@ class Speaker(StrEnum):
         """The conversation speaker that a stored step of ``role`` renders as."""
         return _SPEAKER_BY_ROLE[role]
 
+    @property
+    def step_role(self) -> StepRole:
+        """The role of the stored step this speaker's turn becomes."""
+        return _ROLE_BY_SPEAKER[self]
+
 
 _SPEAKER_BY_ROLE = {
     StepRole.USER: Speaker.USER,
@@ -92,6 +97,7 @@ _SPEAKER_BY_ROLE = {
     StepRole.TOOLS: Speaker.OBSERVATION,
     StepRole.SUMMARIZER: Speaker.CONCLUSION,
 }
+_ROLE_BY_SPEAKER = {speaker: role for role, speaker in _SPEAKER_BY_ROLE.items()}
 
 
 class ToolDoc(BaseModel):

@@ -28,3 +28,4 @@ class StepRole(StrEnum):
     CALLER = "caller"
     TOOLS = "tools"
     SUMMARIZER = "summarizer"
+

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.prompts import ToolDoc
+from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "TaskAccepted",
     "TaskCreate",
     "TaskPublic",
+    "TaskMode",
     "TaskStatus",
     "TERMINAL_STATUSES",
 ]
@@ -45,10 +46,20 @@ class TaskStatus(StrEnum):
 TERMINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.GAVE_UP, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 
+class TaskMode(StrEnum):
+    """How far a task runs."""
+
+    #: The α-UMi agent loop until an answer, a give-up or a limit.
+    AGENT = "agent"
+    #: One planner decision and the caller or summarizer step it calls for (static evaluation).
+    STATIC_STEP = "static_step"
+
+
 class EndReason(StrEnum):
     """Why a task ended, recorded next to its terminal status."""
 
     ANSWERED = "answered"
+    STEP_EVALUATED = "step_evaluated"
     PLANNER_GAVE_UP = "planner_gave_up"
     STEP_LIMIT = "step_limit"
     DEADLINE = "deadline"
@@ -89,6 +100,14 @@ class TaskCreate(BaseModel):
     max_steps: int | None = Field(default=None, ge=1, le=100, description="Planner steps before the task fails.")
     timeout_s: float | None = Field(default=None, gt=0, le=86_400, description="Deadline, seconds from now.")
     constrained: bool | None = Field(default=None, description="Constrained decoding; default from UMI_CONSTRAINED.")
+    history: list[Turn] = Field(
+        default_factory=list,
+        max_length=200,
+        description="Conversation after the query to continue from (α-UMi turns: {from, value}).",
+    )
+    mode: TaskMode = Field(default=TaskMode.AGENT, description="agent, or static_step for one evaluated decision.")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature; default UMI_TEMPERATURE.")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=4096, description="Per step; default UMI_MAX_NEW_TOKENS.")
 
     @field_validator("query")
     @classmethod
@@ -96,6 +115,18 @@ class TaskCreate(BaseModel):
         if not value.strip():
             raise ValueError("query must not be blank")
         return value
+
+    @field_validator("history")
+    @classmethod
+    def _history_hands_over_to_the_planner(cls, history: list[Turn]) -> list[Turn]:
+        for before, after in zip(history, history[1:], strict=False):
+            if before.speaker is Speaker.CALLER and after.speaker is not Speaker.OBSERVATION:
+                raise ValueError("a caller turn must be followed by its observation")
+            if before.speaker is Speaker.CONCLUSION:
+                raise ValueError("the history must not continue after a conclusion")
+        if history and history[-1].speaker in (Speaker.CALLER, Speaker.CONCLUSION):
+            raise ValueError("the history must end where the planner acts next (not with a caller or conclusion turn)")
+        return history
 
     @field_validator("tools")
     @classmethod

@@ -96,6 +96,9 @@ TOOL = {"Name": "get_weather_for_weather", "function": "Weather by city.", "inpu
         ({"query": "q", "tools": [{"function": "f", "input": {}}]}, "Name", "Field required"),
         ({"query": "q", "tools": [TOOL], "max_steps": 0}, "max_steps", "greater than or equal to 1"),
         ({"query": "q", "tools": [TOOL], "priority": 3}, "priority", "Extra inputs are not permitted"),
+        ({"query": "q", "tools": [TOOL], "history": [{"from": "caller", "value": "Action: x"}]}, "history", "must end where the planner acts next"),
+        ({"query": "q", "tools": [TOOL], "history": [{"from": "robot", "value": "hi"}]}, "from", "Input should be 'user'"),
+        ({"query": "q", "tools": [TOOL], "mode": "batch"}, "mode", "Input should be 'agent' or 'static_step'"),
     ],
 )
 def test_bad_task_input_is_refused_naming_the_field(gateway: Any, body: dict[str, Any], field: str, message: str) -> None:

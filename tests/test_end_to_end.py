@@ -60,6 +60,27 @@ def test_every_single_chain_trajectory_is_reproduced_exactly(deployment: Deploym
         assert [step["index"] for step in task["steps"]] == list(range(len(record["conversations"])))
 
 
+def test_every_trajectory_continues_exactly_from_its_last_user_turn(deployment: Deployment) -> None:
+    """Trajectories with DFS retry prompts are given their history up to the last user turn."""
+    records = load_trajectories()
+    submitted = {}
+    for index, record in enumerate(records):
+        turns = record["conversations"]
+        last_user = max(i for i, turn in enumerate(turns) if turn["from"] == "user")
+        submitted[index] = (last_user, deployment.submit(turns[0]["value"], record["tools"], history=turns[1 : last_user + 1]))
+    outcomes = set()
+    for index, (last_user, task_id) in submitted.items():
+        task = deployment.wait(task_id)
+        turns = records[index]["conversations"]
+        gave_up = turns[-1]["value"].endswith("Next: give up.")
+        assert (task["status"], task["end_reason"]) == (("gave_up", "planner_gave_up") if gave_up else ("succeeded", "answered")), index
+        assert [(s["role"], s["output"]) for s in task["steps"][last_user + 1 :]] == _expected_steps(
+            {"conversations": turns[last_user:]}
+        ), f"trajectory {index} differs"
+        outcomes.add(task["status"])
+    assert outcomes == {"succeeded", "gave_up"}
+
+
 def test_each_tool_call_ran_once_and_is_recorded(deployment: Deployment) -> None:
     record = load_trajectories()[single_chain_indices()[0]]
     task_id = deployment.submit(record["conversations"][0]["value"], record["tools"])

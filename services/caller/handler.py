@@ -6,7 +6,7 @@ from shared.crud import steps_to_turns
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, run_llm_step
 from shared.prompts import parse_caller_output, render_caller_prompt
 from shared.roles import LLMRole, StepRole
-from shared.schemas import StepJob
+from shared.schemas import EndReason, StepJob, TaskMode, TaskStatus
 
 __all__ = ["handle_caller_job"]
 
@@ -16,9 +16,16 @@ def render(context: StepContext) -> str:
     return render_caller_prompt(context.tools, steps_to_turns(context.steps))
 
 
-def interpret(generated: str, _context: StepContext) -> StepDraft:
-    """A caller step naming the tool it calls (the tool executor parses the input)."""
-    return StepDraft(role=StepRole.CALLER, output=generated, tool_name=parse_caller_output(generated).action)
+def interpret(generated: str, context: StepContext) -> StepDraft:
+    """A caller step naming the tool it calls (the tool executor parses the input).
+
+    In a ``static_step`` task (static evaluation) the caller's step is the last one.
+    """
+    draft = StepDraft(role=StepRole.CALLER, output=generated, tool_name=parse_caller_output(generated).action)
+    if context.task.mode == TaskMode.STATIC_STEP:
+        draft.end_status = TaskStatus.SUCCEEDED
+        draft.end_reason = EndReason.STEP_EVALUATED
+    return draft
 
 
 def handle_caller_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) -> JobOutcome:

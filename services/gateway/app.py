@@ -8,27 +8,22 @@ accepted task waits forever for a message that was never sent.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request, status
-from sqlalchemy.engine import Engine
-
 from shared import crud
 from shared.celery_app import create_celery_app
 from shared.db import ensure_schema_current, get_engine, session_scope
 from shared.pipeline import Dispatcher
-from shared.roles import StepRole
-from shared.schemas import EndReason, StepJob, TaskAccepted, TaskCreate, TaskPublic, TaskStatus
+from shared.schemas import TaskAccepted, TaskCreate, TaskPublic, TaskStatus
 from shared.settings import Settings, get_settings
+from shared.tasks import EnqueueError, submit_task
 from shared.topology import Topology
 from shared.worker import CeleryDispatcher
 
 __all__ = ["create_app"]
-
-logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -53,26 +48,12 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     @app.post("/v1/tasks", status_code=status.HTTP_202_ACCEPTED, response_model=TaskAccepted)
     def create_task(task_in: TaskCreate, request: Request) -> TaskAccepted:
         """Accept a task; the planner takes its first step asynchronously."""
-        engine: Engine = request.app.state.engine
-        with session_scope(engine) as session:
-            task = crud.create_task(
-                session=session,
-                task_in=task_in,
-                max_steps=task_in.max_steps or settings.max_steps,
-                timeout_s=task_in.timeout_s or settings.task_timeout_s,
-                constrained=settings.constrained if task_in.constrained is None else task_in.constrained,
-            )
         try:
-            request.app.state.dispatcher.dispatch(StepJob(task_id=task.id, step_index=1, role=StepRole.PLANNER))
-        except Exception as exc:
-            logger.exception("task %s: could not enqueue", task.id)
-            with session_scope(engine) as session:
-                stored = crud.get_task(session=session, task_id=task.id, for_update=True)
-                if stored is not None:
-                    crud.finish_task(
-                        task=stored, status=TaskStatus.FAILED, reason=EndReason.ENQUEUE_ERROR, error=f"could not enqueue: {exc}"
-                    )
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the broker did not accept the task: {exc}") from exc
+            task = submit_task(
+                engine=request.app.state.engine, dispatcher=request.app.state.dispatcher, settings=settings, task_in=task_in
+            )
+        except EnqueueError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
         return TaskAccepted(id=task.id, status=TaskStatus.QUEUED)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskPublic)

@@ -1,0 +1,175 @@
+"""``umi eval static``: the α-UMi static (step-level) evaluation, run through the live system.
+
+Every planner decision point of a test file (an assistant turn with a ``Next:``
+marker) becomes one ``static_step`` task: the recorded history before it is
+given as the task's history, the planner decides, and — by its own decision —
+the caller or the summarizer takes the one step that follows. That is the
+α-UMi static protocol with the training-consistent history (the dispatch turn is
+``assistant:``; one released script writes ``planner:``, see design §2).
+
+The tasks go through the configured system: over the broker to the role
+services when ``UMI_BROKER_URL`` is set, else through in-process workers (the
+embedded default, with the SGLang simulator replaying the test file itself
+unless ``UMI_*_LLM_URL`` point at real servers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from shared import crud
+from shared.evaluation import StaticMetrics, format_prediction, reference_for
+from shared.models import Task
+from shared.pipeline import Dispatcher
+from shared.prompts import NextRole, ToolDoc, Turn
+from shared.roles import StepRole
+from shared.schemas import TERMINAL_STATUSES, TaskCreate, TaskMode
+from shared.settings import Settings
+
+__all__ = ["DecisionPoint", "StaticEvalOptions", "decision_points", "run_static_eval", "write_results"]
+
+_MARKERS = tuple(role.marker for role in NextRole)
+
+
+class DecisionPoint(BaseModel):
+    """One planner decision of a recorded trajectory, with what the recording did there."""
+
+    record_index: int
+    turn_index: int
+    tools: list[ToolDoc]
+    instruction: str
+    history: list[Turn]
+    reference: str
+
+
+class StaticEvalOptions(BaseModel):
+    """Generation settings of an evaluation run (α-UMi defaults; ``greedy`` for reproducible runs)."""
+
+    temperature: float = Field(default=0.5, ge=0)
+    max_new_tokens: int = Field(default=512, ge=1)
+    greedy: bool = False
+    constrained: bool = False
+    concurrency: int = Field(default=16, ge=1)
+    timeout_s: float = Field(default=600, gt=0)
+
+
+def decision_points(records: Sequence[dict[str, Any]], *, limit: int | None = None) -> list[DecisionPoint]:
+    """The decision points of α-UMi records ``{"tools", "instruction", "conversations"}``, in order."""
+    points: list[DecisionPoint] = []
+    for record_index, record in enumerate(records):
+        tools = [ToolDoc.model_validate(tool) for tool in record["tools"]]
+        turns = [Turn.model_validate(turn) for turn in record["conversations"]]
+        for turn_index, turn in enumerate(turns):
+            if turn.speaker.value != "assistant" or not any(marker in turn.value for marker in _MARKERS):
+                continue
+            following = turns[turn_index + 1] if turn_index + 1 < len(turns) else None
+            points.append(
+                DecisionPoint(
+                    record_index=record_index,
+                    turn_index=turn_index,
+                    tools=tools,
+                    instruction=record.get("instruction", turns[0].value),
+                    history=turns[:turn_index],
+                    reference=reference_for(turn.value, following.model_dump(by_alias=True) if following else None),
+                )
+            )
+            if limit is not None and len(points) >= limit:
+                return points
+    return points
+
+
+def _task_for(point: DecisionPoint, options: StaticEvalOptions) -> TaskCreate:
+    return TaskCreate(
+        query=point.history[0].value,
+        tools=point.tools,
+        history=point.history[1:],
+        mode=TaskMode.STATIC_STEP,
+        max_steps=100,
+        timeout_s=options.timeout_s,
+        constrained=options.constrained,
+        temperature=0.0 if options.greedy else options.temperature,
+        max_new_tokens=options.max_new_tokens,
+    )
+
+
+def run_static_eval(
+    points: Sequence[DecisionPoint],
+    *,
+    engine: Engine,
+    dispatcher: Dispatcher,
+    settings: Settings,
+    options: StaticEvalOptions,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every decision point as a task, ``options.concurrency`` at a time; α-UMi prediction records."""
+    from shared.tasks import submit_task
+
+    results: dict[int, dict[str, Any]] = {}
+    in_flight: dict[uuid.UUID, int] = {}
+    next_point = 0
+    while len(results) < len(points):
+        while next_point < len(points) and len(in_flight) < options.concurrency:
+            task = submit_task(engine=engine, dispatcher=dispatcher, settings=settings, task_in=_task_for(points[next_point], options))
+            in_flight[task.id] = next_point
+            next_point += 1
+        for task_id in _finished(engine, list(in_flight)):
+            index = in_flight.pop(task_id)
+            results[index] = _prediction_record(engine, points[index], task_id)
+            if progress is not None:
+                progress(len(results), len(points))
+        time.sleep(0.02)
+    return [results[i] for i in range(len(points))]
+
+
+def _finished(engine: Engine, task_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    if not task_ids:
+        return []
+    with Session(engine) as session:
+        rows = session.exec(select(Task.id, Task.status).where(col(Task.id).in_(task_ids))).all()
+    return [task_id for task_id, status in rows if status in TERMINAL_STATUSES]
+
+
+def _prediction_record(engine: Engine, point: DecisionPoint, task_id: uuid.UUID) -> dict[str, Any]:
+    with Session(engine) as session:
+        task = crud.get_task(session=session, task_id=task_id)
+        steps = crud.list_steps(session=session, task_id=task_id)
+    assert task is not None
+    new_steps = steps[len(point.history) :]
+    planner = new_steps[0] if new_steps and new_steps[0].role == StepRole.PLANNER else None
+    follower = new_steps[1] if len(new_steps) > 1 else None
+    if planner is None:
+        prediction = "none"
+    elif follower is None:
+        prediction = format_prediction(planner.output, None, None)
+    else:
+        prediction = format_prediction(planner.output, StepRole(follower.role).value, follower.output)
+    return {
+        "tools": [tool.model_dump() for tool in point.tools],
+        "instruction": point.instruction,
+        "history": [turn.model_dump(by_alias=True) for turn in point.history],
+        "reference": point.reference,
+        "predictions": prediction,
+        "record_index": point.record_index,
+        "turn_index": point.turn_index,
+        "task_id": str(task_id),
+        "status": task.status,
+        "error": task.error,
+        "latency_s": sum(step.latency_s or 0.0 for step in new_steps),
+    }
+
+
+def write_results(out_dir: Path, predictions: list[dict[str, Any]], metrics: StaticMetrics) -> None:
+    """``predictions.json`` (α-UMi format plus our fields) and ``metrics.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "predictions.json").write_text(json.dumps(predictions, indent=2, ensure_ascii=False))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics.model_dump(), indent=2))
+
