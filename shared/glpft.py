@@ -232,7 +232,7 @@ def _record(trajectory: Trajectory, index: int, prompt: str, target: str) -> Tra
 def planner_records(trajectory: Trajectory) -> list[TrainingRecord]:
     """Planner samples: each decision point, unless the call it leads to is hallucinated."""
     turns, names = trajectory.conversations, [tool.Name for tool in trajectory.tools]
-    records = []
+    records: list[TrainingRecord] = []
     for i, turn in enumerate(turns):
         if turn.speaker is not Speaker.ASSISTANT:
             continue
@@ -248,7 +248,8 @@ def planner_records(trajectory: Trajectory) -> list[TrainingRecord]:
 def caller_records(trajectory: Trajectory) -> list[TrainingRecord]:
     """Caller samples; hallucinated calls get none and vanish from later caller histories."""
     turns, names = trajectory.conversations, [tool.Name for tool in trajectory.tools]
-    records, kept = [], []
+    records: list[TrainingRecord] = []
+    kept: list[Turn] = []
     for i, turn in enumerate(turns):
         if turn.speaker is Speaker.CALLER:
             if is_hallucinated_call(turn.value, names):
@@ -262,7 +263,8 @@ def caller_records(trajectory: Trajectory) -> list[TrainingRecord]:
 def summarizer_records(trajectory: Trajectory) -> list[TrainingRecord]:
     """Summarizer samples; conclusions without a final answer get none and vanish from later histories."""
     turns = trajectory.conversations
-    records, kept = [], []
+    records: list[TrainingRecord] = []
+    kept: list[Turn] = []
     for i, turn in enumerate(turns):
         if turn.speaker is Speaker.CONCLUSION:
             if turn.value == NO_FINAL_ANSWER:

@@ -75,3 +75,13 @@ def postgres_url() -> Iterator[str]:
     get_engine(url).dispose()
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def simulator_url() -> Iterator[str]:
+    """One SGLang simulator (all roles) replaying the bundled trajectories."""
+    from services.simulator import SimulatorConfig, create_app
+    from shared.asgi import ServerThread
+
+    with ServerThread(create_app(SimulatorConfig(data=[TRAJECTORIES]))) as server:
+        yield server.url

@@ -6,118 +6,56 @@ simulator over real HTTP; jobs they publish are collected instead of sent.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
 
-from services.caller.handler import handle_caller_job
-from services.planner.handler import handle_planner_job
-from services.simulator import SimulatorConfig, create_app as create_simulator
-from services.summarizer.handler import handle_summarizer_job
-from services.tools.handler import handle_tools_job
 from shared import crud
-from shared.asgi import ServerThread, free_port
-from shared.db import session_scope, upgrade_schema
-from shared.models import Step, ToolCall, ToolCallStatus
+from shared.asgi import free_port
+from shared.db import session_scope
+from shared.models import ToolCall, ToolCallStatus
 from shared.pipeline import JobOutcome, PoisonJob, Runtime
 from shared.roles import StepRole
-from shared.schemas import StepJob, TaskCreate
-from shared.settings import Settings, load_settings
+from shared.schemas import StepJob
 from shared.tools import ToolRegistry, build_executor
-from tests.conftest import TRAJECTORIES, load_trajectories
-
-HANDLERS = {
-    StepRole.PLANNER: handle_planner_job,
-    StepRole.CALLER: handle_caller_job,
-    StepRole.TOOLS: handle_tools_job,
-    StepRole.SUMMARIZER: handle_summarizer_job,
-}
-
-
-class CollectingDispatcher:
-    """Keeps published jobs in order so the test can run them."""
-
-    def __init__(self) -> None:
-        self.jobs: list[StepJob] = []
-
-    def dispatch(self, job: StepJob) -> None:
-        self.jobs.append(job)
+from tests.conftest import load_trajectories
+from tests.pipeline_helpers import (
+    CollectingDispatcher,
+    create_task,
+    run_job,
+    run_to_end,
+    sqlite_settings,
+    stored_steps,
+)
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[str]:
-    with ServerThread(create_simulator(SimulatorConfig(data=[TRAJECTORIES]))) as server:
-        yield server.url
-
-
-def _settings(tmp_path: Path, llm_url: str, **overrides: object) -> Settings:
-    settings = load_settings(
-        database_url=f"sqlite:///{tmp_path}/umi.db",
-        planner_llm_url=llm_url,
-        caller_llm_url=llm_url,
-        summarizer_llm_url=llm_url,
-        tools_mirror=TRAJECTORIES,
-        **overrides,
-    )
-    upgrade_schema(settings.database_url)
-    return settings
-
-
-def _task(rt: Runtime, record: dict) -> uuid.UUID:
-    with session_scope(rt.engine) as session:
-        task = crud.create_task(
-            session=session,
-            task_in=TaskCreate(query=record["conversations"][0]["value"], tools=record["tools"]),
-            max_steps=12,
-            timeout_s=60,
-            constrained=True,
-        )
-        return task.id
-
-
-def _steps(rt: Runtime, task_id: uuid.UUID) -> list[Step]:
-    with Session(rt.engine) as session:
-        return crud.list_steps(session=session, task_id=task_id)
-
-
-def _run(rt: Runtime, job: StepJob, *, redelivered: bool = False) -> JobOutcome:
-    return HANDLERS[job.role](job, rt, redelivered=redelivered)
-
-
-def test_handlers_chained_by_their_published_jobs_reproduce_a_trajectory(tmp_path: Path, simulator: str) -> None:
+def test_handlers_chained_by_their_published_jobs_reproduce_a_trajectory(tmp_path: Path, simulator_url: str) -> None:
     dispatcher = CollectingDispatcher()
-    rt = Runtime(settings=_settings(tmp_path, simulator), dispatcher=dispatcher)
+    rt = Runtime(settings=sqlite_settings(tmp_path, simulator_url), dispatcher=dispatcher)
     record = load_trajectories()[2]
-    task_id = _task(rt, record)
-    job = StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)
-    while True:
-        assert _run(rt, job) is JobOutcome.STORED
-        if len(dispatcher.jobs) == 0 or dispatcher.jobs[-1].step_index == job.step_index:
-            break
-        job = dispatcher.jobs[-1]
-    assert [s.output for s in _steps(rt, task_id)] == [t["value"] for t in record["conversations"]]
+    task_id = create_task(rt, record)
+    run_to_end(rt, dispatcher, task_id)
+    assert [s.output for s in stored_steps(rt, task_id)] == [t["value"] for t in record["conversations"]]
     assert [j.role.value for j in dispatcher.jobs] == ["caller", "tools", "planner", "caller", "tools", "planner", "summarizer"]
 
 
-def test_a_duplicate_job_stores_nothing_and_resends_only_a_missing_follow_up(tmp_path: Path, simulator: str) -> None:
+def test_a_duplicate_job_stores_nothing_and_resends_only_a_missing_follow_up(tmp_path: Path, simulator_url: str) -> None:
     dispatcher = CollectingDispatcher()
-    rt = Runtime(settings=_settings(tmp_path, simulator), dispatcher=dispatcher)
-    task_id = _task(rt, load_trajectories()[14])
+    rt = Runtime(settings=sqlite_settings(tmp_path, simulator_url), dispatcher=dispatcher)
+    task_id = create_task(rt, load_trajectories()[14])
     planner_job = StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)
-    assert _run(rt, planner_job) is JobOutcome.STORED
+    assert run_job(rt, planner_job) is JobOutcome.STORED
     # The worker "died" before acking: the redelivery finds the step and re-sends the caller job.
-    assert _run(rt, planner_job, redelivered=True) is JobOutcome.REPUBLISHED
+    assert run_job(rt, planner_job, redelivered=True) is JobOutcome.REPUBLISHED
     assert [(j.step_index, j.role) for j in dispatcher.jobs] == [(2, StepRole.CALLER), (2, StepRole.CALLER)]
-    assert _run(rt, dispatcher.jobs[0]) is JobOutcome.STORED
-    assert _run(rt, dispatcher.jobs[1]) is JobOutcome.REPUBLISHED  # tools job still missing
-    assert _run(rt, planner_job) is JobOutcome.DUPLICATE  # its follow-up (step 2) is stored
-    assert len(_steps(rt, task_id)) == 3
+    assert run_job(rt, dispatcher.jobs[0]) is JobOutcome.STORED
+    assert run_job(rt, dispatcher.jobs[1]) is JobOutcome.REPUBLISHED  # tools job still missing
+    assert run_job(rt, planner_job) is JobOutcome.DUPLICATE  # its follow-up (step 2) is stored
+    assert len(stored_steps(rt, task_id)) == 3
 
 
-def test_a_tool_call_runs_once_and_a_redelivery_takes_over_a_dead_claim(tmp_path: Path, simulator: str) -> None:
+def test_a_tool_call_runs_once_and_a_redelivery_takes_over_a_dead_claim(tmp_path: Path, simulator_url: str) -> None:
     calls: list[dict] = []
     registry = ToolRegistry()
 
@@ -126,33 +64,33 @@ def test_a_tool_call_runs_once_and_a_redelivery_takes_over_a_dead_claim(tmp_path
         calls.append({"email": email})
         return f"checked {email}"
 
-    settings = _settings(tmp_path, simulator)
+    settings = sqlite_settings(tmp_path, simulator_url)
     dispatcher = CollectingDispatcher()
     rt = Runtime(settings=settings, dispatcher=dispatcher, tools=build_executor(settings, registry=registry))
-    task_id = _task(rt, load_trajectories()[14])
+    task_id = create_task(rt, load_trajectories()[14])
     for job in (StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER), StepJob(task_id=task_id, step_index=2, role=StepRole.CALLER)):
-        _run(rt, job)
+        run_job(rt, job)
     tools_job = StepJob(task_id=task_id, step_index=3, role=StepRole.TOOLS)
 
     # A worker claimed the call and died before finishing it.
     with session_scope(rt.engine) as session:
         crud.claim_tool_call(session=session, task_id=task_id, step_index=3, tool_name="x", arguments="{}", takeover=False, stale_after_s=600)
-    assert _run(rt, tools_job) is JobOutcome.DUPLICATE  # a fresh claim belongs to a live worker
+    assert run_job(rt, tools_job) is JobOutcome.DUPLICATE  # a fresh claim belongs to a live worker
     assert calls == []
-    assert _run(rt, tools_job, redelivered=True) is JobOutcome.STORED  # the broker redelivered: take over
-    assert _run(rt, tools_job, redelivered=True) is JobOutcome.REPUBLISHED
+    assert run_job(rt, tools_job, redelivered=True) is JobOutcome.STORED  # the broker redelivered: take over
+    assert run_job(rt, tools_job, redelivered=True) is JobOutcome.REPUBLISHED
     assert calls == [{"email": "john.doe@example.com"}]
     with Session(rt.engine) as session:
         (call,) = session.exec(select(ToolCall).where(ToolCall.task_id == task_id)).all()
     assert (call.status, call.attempts, call.ok, call.backend) == (ToolCallStatus.COMPLETED, 2, True, "python")
-    assert _steps(rt, task_id)[-1].output == "checked john.doe@example.com"
+    assert stored_steps(rt, task_id)[-1].output == "checked john.doe@example.com"
 
 
 def test_an_unreachable_llm_fails_the_task_with_the_error_recorded(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    rt = Runtime(settings=_settings(tmp_path, dead, llm_max_retries=2, llm_backoff_s=0.01), dispatcher=CollectingDispatcher())
-    task_id = _task(rt, load_trajectories()[14])
-    assert _run(rt, StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)) is JobOutcome.TASK_ENDED
+    rt = Runtime(settings=sqlite_settings(tmp_path, dead, llm_max_retries=2, llm_backoff_s=0.01), dispatcher=CollectingDispatcher())
+    task_id = create_task(rt, load_trajectories()[14])
+    assert run_job(rt, StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)) is JobOutcome.TASK_ENDED
     with Session(rt.engine) as session:
         task = crud.get_task(session=session, task_id=task_id)
     assert task is not None and (task.status, task.end_reason) == ("failed", "llm_error")
@@ -160,13 +98,13 @@ def test_an_unreachable_llm_fails_the_task_with_the_error_recorded(tmp_path: Pat
     assert "Connection refused" in task.error
 
 
-def test_a_job_that_contradicts_the_trajectory_is_poison(tmp_path: Path, simulator: str) -> None:
-    rt = Runtime(settings=_settings(tmp_path, simulator), dispatcher=CollectingDispatcher())
-    task_id = _task(rt, load_trajectories()[14])
+def test_a_job_that_contradicts_the_trajectory_is_poison(tmp_path: Path, simulator_url: str) -> None:
+    rt = Runtime(settings=sqlite_settings(tmp_path, simulator_url), dispatcher=CollectingDispatcher())
+    task_id = create_task(rt, load_trajectories()[14])
     with pytest.raises(PoisonJob, match="must be planner, the message asks for caller"):
-        _run(rt, StepJob(task_id=task_id, step_index=1, role=StepRole.CALLER))
+        run_job(rt, StepJob(task_id=task_id, step_index=1, role=StepRole.CALLER))
     with pytest.raises(PoisonJob, match="cannot run"):
-        _run(rt, StepJob(task_id=task_id, step_index=5, role=StepRole.PLANNER))
+        run_job(rt, StepJob(task_id=task_id, step_index=5, role=StepRole.PLANNER))
 
 
 def test_a_planner_give_up_ends_the_task_as_gave_up() -> None:
