@@ -79,7 +79,6 @@ from shared.prompts import STOP_SEQUENCE, NextRole, Speaker, Turn
 __all__ = [
     "ArgBucket",
     "ArgScore",
-    "DecisionPoint",
     "PAPER_TABLE1",
     "PaperRow",
     "ParsedOutput",
@@ -88,7 +87,6 @@ __all__ = [
     "RecordTool",
     "StaticMetrics",
     "arg_f1_sample",
-    "decision_points",
     "format_prediction",
     "is_decision_point",
     "load_predictions",
@@ -241,16 +239,19 @@ def is_decision_point(turn_value: str) -> bool:
     return any(marker in turn_value for marker in DECISION_MARKERS)
 
 
-def reference_for(turn_value: str, next_turn: Turn | None) -> str:
+def reference_for(turn_value: str, next_turn: Turn | Mapping[str, Any] | None) -> str:
     """The reference string of a decision point: planner turn ``turn_value``, then ``next_turn``.
 
     Caller and conclusion steps give ``assistant: <v></s><role>: <next value></s>``;
-    a give-up step gives the bare planner text. Raises ``ValueError`` when a caller
-    or conclusion step has no following turn.
+    a give-up step gives the bare planner text. ``next_turn`` is a :class:`Turn` or its
+    ``{"from", "value"}`` dict. Raises ``ValueError`` when a caller or conclusion step
+    has no following turn.
     """
     if "Next: caller" in turn_value or NextRole.CONCLUSION.marker in turn_value:
         if next_turn is None:
             raise ValueError("a caller or conclusion decision point needs the turn that follows it")
+        if not isinstance(next_turn, Turn):
+            next_turn = Turn.model_validate(next_turn)
         return (
             f"{Speaker.ASSISTANT.value}: {turn_value}{STOP_SEQUENCE}"
             f"{next_turn.speaker.value}: {next_turn.value}{STOP_SEQUENCE}"
@@ -258,41 +259,33 @@ def reference_for(turn_value: str, next_turn: Turn | None) -> str:
     return turn_value
 
 
-def format_prediction(plan_text: str, role: NextRole | str, output: str = "") -> str:
+#: Who acted after the planner, by any of the names the code base uses for it.
+_FOLLOWERS: Mapping[str, Speaker] = {
+    "caller": Speaker.CALLER,  # NextRole, Speaker, StepRole, LLMRole
+    "conclusion": Speaker.CONCLUSION,  # NextRole, Speaker
+    "summarizer": Speaker.CONCLUSION,  # StepRole, LLMRole
+}
+
+
+def format_prediction(plan_text: str, role: str | None, output: str | None = None) -> str:
     """The prediction string for a planner decision and the caller's or summarizer's output.
 
-    ``plan_text`` is the planner text kept in the history (it ends with the marker of
-    ``role``, as :attr:`shared.prompts.PlannerDecision.text` does). A give-up step is
-    the bare plan text and ignores ``output``. Like the original pipeline, an
-    ``output`` that is empty, ``.`` or ``,`` after stripping is written as ``none``.
+    ``plan_text`` is the planner text kept in the history, used as it is (it should end
+    with the marker of ``role``, as :attr:`shared.prompts.PlannerDecision.text` does).
+    ``role`` names who acted next: ``caller``, or ``conclusion`` / ``summarizer`` (any of
+    :class:`~shared.prompts.NextRole`, :class:`~shared.roles.StepRole`,
+    :class:`~shared.roles.LLMRole`); ``give up`` or ``None`` (nobody) gives the bare plan
+    text and ignores ``output``. Like the original pipeline, an ``output`` that is
+    missing, empty, ``.`` or ``,`` after stripping is written as ``none``.
     """
-    next_role = NextRole(role)
-    if next_role.marker not in plan_text:
-        raise ValueError(f"plan text does not contain the {next_role.marker!r} marker")
-    if next_role is NextRole.GIVE_UP:
+    if role is None or str(role) == NextRole.GIVE_UP.value:
         return plan_text
-    speaker = Speaker.CALLER if next_role is NextRole.CALLER else Speaker.CONCLUSION
-    if output.strip() in _EMPTY_OUTPUTS:
+    speaker = _FOLLOWERS.get(str(role))
+    if speaker is None:
+        raise ValueError(f"unknown role {role!r}: expected caller, conclusion, summarizer, give up or None")
+    if output is None or output.strip() in _EMPTY_OUTPUTS:
         output = NONE_TEXT
     return f"{Speaker.ASSISTANT.value}: {plan_text}{STOP_SEQUENCE}{speaker.value}: {output}{STOP_SEQUENCE}"
-
-
-class DecisionPoint(BaseModel):
-    """A sample of a trajectory: the planner turn at ``index``, its history and reference."""
-
-    model_config = ConfigDict(frozen=True)
-
-    index: int
-    history: list[Turn]
-    reference: str
-
-
-def decision_points(turns: Sequence[Turn]) -> Iterator[DecisionPoint]:
-    """Every planner decision point of a trajectory, in order (as ``build_infer_samples``)."""
-    for i, turn in enumerate(turns):
-        if turn.speaker is Speaker.ASSISTANT and is_decision_point(turn.value):
-            following = turns[i + 1] if i + 1 < len(turns) else None
-            yield DecisionPoint(index=i, history=list(turns[:i]), reference=reference_for(turn.value, following))
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +413,10 @@ class StaticMetrics(BaseModel):
     n_hallucinated: int
 
 
+def _as_record(record: PredictionRecord | Mapping[str, Any]) -> PredictionRecord:
+    return record if isinstance(record, PredictionRecord) else PredictionRecord.model_validate(record)
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -429,8 +426,12 @@ def _is_hallucinated(predicted: ParsedOutput, tool_names: set[str]) -> bool:
     return action is not None and action != NONE_TEXT and action not in tool_names
 
 
-def score_predictions(records: Sequence[PredictionRecord]) -> StaticMetrics:
-    """Compute the Table 1 metrics of a list of samples."""
+def score_predictions(records: Sequence[PredictionRecord | Mapping[str, Any]]) -> StaticMetrics:
+    """Compute the Table 1 metrics of a list of samples.
+
+    Plain dicts (records read from a predictions file) are validated as
+    :class:`PredictionRecord`; a malformed one raises ``pydantic.ValidationError``.
+    """
     plan_hits = 0
     hallucinated = 0
     plans = {plan: 0 for plan in Plan}
@@ -440,7 +441,7 @@ def score_predictions(records: Sequence[PredictionRecord]) -> StaticMetrics:
     hard: list[float] = []
     answer_hyps: list[str] = []
     answer_refs: list[str] = []
-    for record in records:
+    for record in map(_as_record, records):
         ref = parse_output(record.reference)
         pred = parse_output(record.predictions)
         plans[ref.plan] += 1
