@@ -30,6 +30,7 @@ import httpx
 from pydantic import ValidationError
 
 from shared.db import SchemaOutOfDate
+from shared.evaluation import PAPER_TABLE1 as PAPER_ROWS
 from shared.roles import LLMRole, StepRole
 from shared.settings import ConfigurationError, get_settings
 
@@ -123,11 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     static.add_argument("--max-new-tokens", type=int, default=512)
     static.add_argument("--greedy", action="store_true", help="temperature 0: reproducible runs")
     static.add_argument("--constrained", action="store_true", help="constrained decoding (off: as the paper's runs)")
+    static.add_argument("--compare", choices=sorted(PAPER_ROWS), default=None, help="add the paper's numbers to the table")
     static.add_argument("--loglevel", default="WARNING")
     static.set_defaults(func=_cmd_eval_static)
     score = eval_sub.add_parser("score", help="the static metrics of an α-UMi predictions file")
     score.add_argument("--predictions", type=Path, required=True)
     score.add_argument("--out", type=Path, default=None, help="write metrics.json here")
+    score.add_argument("--compare", choices=sorted(PAPER_ROWS), default=None, help="add the paper's numbers to the table")
     score.set_defaults(func=_cmd_eval_score, loglevel="WARNING")
 
     export = sub.add_parser("export", help="export trajectories")
@@ -340,7 +343,7 @@ def _cmd_eval_static(args: argparse.Namespace) -> int:
         predictions = run_static_eval(points, engine=engine, dispatcher=dispatcher, settings=settings, options=options, progress=progress)
     metrics = score_predictions(predictions)
     write_results(args.out, predictions, metrics)
-    print(metrics_table(metrics))
+    print(metrics_table(metrics, compare=PAPER_ROWS.get(args.compare)))
     print(f"wrote {args.out / 'predictions.json'} and {args.out / 'metrics.json'}")
     return 0
 
@@ -392,7 +395,7 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
         metrics = score_predictions(records)
     except (KeyError, ValidationError) as exc:
         raise UsageError(f"--predictions: {args.predictions} is not an α-UMi predictions file: {exc}") from None
-    print(metrics_table(metrics))
+    print(metrics_table(metrics, compare=PAPER_ROWS.get(args.compare)))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(metrics.model_dump(), indent=2))

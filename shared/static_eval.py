@@ -27,17 +27,15 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from shared import crud
-from shared.evaluation import StaticMetrics, format_prediction, reference_for
+from shared.evaluation import StaticMetrics, format_prediction, is_decision_point, reference_for
 from shared.models import Task
 from shared.pipeline import Dispatcher
-from shared.prompts import NextRole, ToolDoc, Turn
+from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
 from shared.schemas import TERMINAL_STATUSES, TaskCreate, TaskMode
 from shared.settings import Settings
 
 __all__ = ["DecisionPoint", "StaticEvalOptions", "decision_points", "run_static_eval", "write_results"]
-
-_MARKERS = tuple(role.marker for role in NextRole)
 
 
 class DecisionPoint(BaseModel):
@@ -69,7 +67,7 @@ def decision_points(records: Sequence[dict[str, Any]], *, limit: int | None = No
         tools = [ToolDoc.model_validate(tool) for tool in record["tools"]]
         turns = [Turn.model_validate(turn) for turn in record["conversations"]]
         for turn_index, turn in enumerate(turns):
-            if turn.speaker.value != "assistant" or not any(marker in turn.value for marker in _MARKERS):
+            if turn.speaker is not Speaker.ASSISTANT or not is_decision_point(turn.value):
                 continue
             following = turns[turn_index + 1] if turn_index + 1 < len(turns) else None
             points.append(

@@ -8,6 +8,9 @@ observations, so the stored trajectory and answer must equal the recording.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,9 +19,9 @@ import pytest
 from sqlmodel import Session, func, select
 
 from shared.db import get_engine
-from shared.models import Step, ToolCall
+from shared.models import Step, Task, ToolCall
 from shared.roles import StepRole
-from tests.conftest import load_trajectories, single_chain_indices
+from tests.conftest import TRAJECTORIES, UMI, load_trajectories, single_chain_indices
 from tests.deployment import Deployment
 
 ROLE_BY_SPEAKER = {"assistant": "planner", "caller": "caller", "observation": "tools", "conclusion": "summarizer"}
@@ -163,3 +166,19 @@ def _wait_for_step(system: Deployment, task_id: str, *, index: int, timeout_s: f
             return
         time.sleep(0.05)
     raise TimeoutError(f"step {index} of {task_id} never appeared")
+
+
+def test_static_eval_runs_over_the_broker_through_the_role_services(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = tmp_path_factory.mktemp("eval")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("UMI_")}, **deployment.env}
+    result = subprocess.run(
+        [str(UMI), "eval", "static", "--data", str(TRAJECTORIES), "--out", str(out), "--limit", "20", "--greedy"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "running through the role services" in result.stderr
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 20 and all(p["predictions"] == p["reference"] for p in predictions)
+    with Session(get_engine(deployment.settings.database_url)) as session:
+        modes = {session.get(Task, uuid.UUID(p["task_id"])).mode for p in predictions}
+    assert modes == {"static_step"}
