@@ -34,6 +34,7 @@ from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
 from shared.schemas import TERMINAL_STATUSES, TaskCreate, TaskMode
 from shared.settings import Settings
+from shared.tasks import submit_task
 
 __all__ = ["DecisionPoint", "StaticEvalOptions", "decision_points", "run_static_eval", "write_results"]
 
@@ -109,8 +110,6 @@ def run_static_eval(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every decision point as a task, ``options.concurrency`` at a time; α-UMi prediction records."""
-    from shared.tasks import submit_task
-
     results: dict[int, dict[str, Any]] = {}
     in_flight: dict[uuid.UUID, int] = {}
     next_point = 0

@@ -16,7 +16,6 @@ from shared.prompts import (
     render_caller_prompt,
     render_history,
     render_planner_prompt,
-    render_summarizer_prompt,
     model_calls,
     truncate_observation,
 )
