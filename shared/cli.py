@@ -195,13 +195,18 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tools(path: Path) -> list[Any]:
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON in ``path``; a missing or malformed file is a usage error naming the option."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        raise UsageError(f"--tools: file not found: {path}") from None
+        raise UsageError(f"{what}: file not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--tools: {path} is not JSON: {exc}") from None
+        raise UsageError(f"{what}: {path} is not JSON: {exc}") from None
+
+
+def _load_tools(path: Path) -> list[Any]:
+    data = _read_json(path, "--tools")
     if isinstance(data, dict) and "tools" in data:
         data = data["tools"]
     if not isinstance(data, list):
@@ -306,12 +311,7 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def _read_json_list(path: Path, what: str) -> list[Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{what}: file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{what}: {path} is not JSON: {exc}") from None
+    data = _read_json(path, what)
     if not isinstance(data, list):
         raise UsageError(f"{what}: {path} must hold a JSON list of records")
     return data
