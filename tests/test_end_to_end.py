@@ -130,6 +130,19 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_task_completes_without_dup
     assert all(count == 1 for _, count in per_index)
 
 
+def test_a_worker_keeps_several_llm_requests_in_flight(slow_deployment: Deployment) -> None:
+    """4 threads per worker: 8 planner calls of 1.5 s take two waves, not eight."""
+    record = load_trajectories()[single_chain_indices()[0]]
+    started = time.monotonic()
+    task_ids = [slow_deployment.submit(record["conversations"][0]["value"], record["tools"]) for _ in range(8)]
+    for task_id in task_ids:
+        _wait_for_step(slow_deployment, task_id, index=1, timeout_s=20)
+    elapsed = time.monotonic() - started
+    for task_id in task_ids:
+        slow_deployment.http.post(f"/v1/tasks/{task_id}/cancel")
+    assert elapsed < 5.5, f"8 planner steps took {elapsed:.1f}s: requests were not concurrent"
+
+
 def test_a_task_past_its_deadline_fails_with_the_reason_recorded(slow_deployment: Deployment) -> None:
     record = load_trajectories()[single_chain_indices()[0]]
     task_id = slow_deployment.submit(record["conversations"][0]["value"], record["tools"], timeout_s=0.5)
