@@ -19,6 +19,7 @@ __all__ = [
     "cancel_task",
     "claim_tool_call",
     "create_task",
+    "fail_overdue_tasks",
     "finish_task",
     "get_step",
     "get_task",
@@ -119,6 +120,24 @@ def cancel_task(*, session: Session, task_id: uuid.UUID) -> Task | None:
     if task is not None and task.status not in TERMINAL_STATUSES:
         finish_task(task=task, status=TaskStatus.CANCELLED, reason=EndReason.CANCELLED, error="cancelled by request")
     return task
+
+
+def fail_overdue_tasks(*, session: Session, grace_s: float) -> list[uuid.UUID]:
+    """End every unfinished task whose deadline passed more than ``grace_s`` ago.
+
+    Handlers end overdue tasks themselves when they pick up their next job; this
+    catches tasks whose job will never come (a message the broker dead-lettered,
+    a role nobody consumes), so no task stays ``running`` forever.
+    """
+    cutoff = utcnow() - timedelta(seconds=grace_s)
+    overdue = session.exec(
+        select(Task)
+        .where(col(Task.status).in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]), Task.deadline_at < cutoff)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for task in overdue:
+        finish_task(task=task, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded: no step finished in time")
+    return [task.id for task in overdue]
 
 
 def claim_tool_call(

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # --- tasks ---------------------------------------------------------------
     max_steps: int = Field(default=12, ge=1)
     task_timeout_s: float = Field(default=600.0, gt=0)
+    #: How often the gateway ends tasks that are past their deadline with no step coming.
+    sweep_interval_s: float = Field(default=15.0, gt=0)
     worker_concurrency: int = Field(default=32, ge=1)
 
     # --- tools ---------------------------------------------------------------

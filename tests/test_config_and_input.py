@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,3 +136,18 @@ def test_when_the_broker_refuses_the_task_is_failed_and_the_client_told(tmp_path
     with Session(get_engine(settings.database_url)) as session:
         tasks = list(session.exec(select(Task)))
     assert [(t.status, t.end_reason) for t in tasks] == [("failed", "enqueue_error")]
+
+
+def test_a_task_whose_job_never_runs_is_ended_at_its_deadline_by_the_gateway(tmp_path: Path) -> None:
+    settings = load_settings(database_url=f"sqlite:///{tmp_path}/umi.db", sweep_interval_s=0.2)
+    upgrade_schema(settings.database_url)
+    dispatcher = _RecordingDispatcher()  # the job is "lost": nobody ever runs it
+    with ServerThread(create_app(settings, dispatcher=dispatcher)) as server, httpx.Client(base_url=server.url) as client:
+        task_id = client.post("/v1/tasks", json={"query": "q", "tools": [TOOL], "timeout_s": 0.1}).json()["id"]
+        deadline = time.monotonic() + 15
+        while client.get(f"/v1/tasks/{task_id}").json()["status"] == "queued":
+            assert time.monotonic() < deadline, "the sweep never ended the overdue task"
+            time.sleep(0.2)
+        task = client.get(f"/v1/tasks/{task_id}").json()
+    assert (task["status"], task["end_reason"]) == ("failed", "deadline")
+    assert "no step finished in time" in task["error"]
