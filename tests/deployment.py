@@ -32,7 +32,16 @@ TERMINAL = {"succeeded", "gave_up", "failed", "cancelled"}
 class Deployment:
     """Simulators + gateway in this process, one worker process per role."""
 
-    def __init__(self, *, rabbitmq_url: str, postgres_url: str, log_dir: Path, simulator: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        rabbitmq_url: str,
+        postgres_url: str,
+        log_dir: Path,
+        simulator: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """``settings`` are extra settings fields, given to the workers as ``UMI_*`` variables too."""
         self.log_dir = log_dir
         self.simulators = {
             role: ServerThread(create_simulator(SimulatorConfig(data=[TRAJECTORIES], role=role.value, **(simulator or {}))))
@@ -47,6 +56,7 @@ class Deployment:
             "UMI_TOOLS_MIRROR": str(TRAJECTORIES),
             "UMI_LLM_BACKOFF_S": "0.05",
             **{f"UMI_{role.value.upper()}_LLM_URL": server.url for role, server in self.simulators.items()},
+            **{f"UMI_{name.upper()}": str(value) for name, value in (settings or {}).items()},
         }
         self.settings: Settings = load_settings(
             broker_url=rabbitmq_url,
@@ -54,6 +64,7 @@ class Deployment:
             queue_prefix=self.env["UMI_QUEUE_PREFIX"],
             tools_mirror=TRAJECTORIES,
             **{f"{role.value}_llm_url": server.url for role, server in self.simulators.items()},
+            **(settings or {}),
         )
         self.topology = Topology(self.settings)
         self.workers: dict[StepRole, subprocess.Popen[bytes]] = {}

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pika
 import pytest
@@ -14,6 +15,7 @@ from kombu import Connection
 from shared.dead_letters import DeadLetter, drain_dead_letters
 from shared.roles import StepRole
 from shared.topology import task_name
+from tests.conftest import load_trajectories, single_chain_indices
 from tests.deployment import Deployment
 
 
@@ -108,3 +110,33 @@ def test_the_worker_keeps_consuming_after_poison_messages(planner_only: Deployme
     time.sleep(1.0)
     assert planner_only.workers[StepRole.PLANNER].poll() is None
     assert planner_only.consumer_count(StepRole.PLANNER) >= 1
+
+
+def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_by_the_broker_and_its_task_ended(
+    rabbitmq_url: str, postgres_url: str, tmp_path: Path
+) -> None:
+    system = Deployment(
+        rabbitmq_url=rabbitmq_url,
+        postgres_url=postgres_url,
+        log_dir=tmp_path,
+        simulator={"ttft_s": 1.5},
+        settings={"delivery_limit": 1, "sweep_interval_s": 0.5},
+    )
+    try:
+        system.start_all_workers()
+        record = load_trajectories()[single_chain_indices()[0]]
+        task_id = system.submit(record["conversations"][0]["value"], record["tools"], timeout_s=15)
+        while len(system.get(task_id)["steps"]) < 2:  # the caller job is now in flight
+            time.sleep(0.05)
+        for _ in range(2):  # the caller dies on this message twice: more returns than the limit of 1
+            time.sleep(0.6)
+            system.kill_worker(StepRole.CALLER)
+            system.start_worker(StepRole.CALLER)
+        letter = _wait_for_letter(system, task_id, timeout_s=30)
+        assert letter.reason == "broker: delivery_limit"
+        assert letter.source_queue == system.topology.queue_name(StepRole.CALLER)
+        task = system.wait(task_id, timeout_s=40)
+        assert (task["status"], task["end_reason"]) == ("failed", "deadline")
+        assert [step["role"] for step in task["steps"]] == ["user", "planner"]
+    finally:
+        system.close()
