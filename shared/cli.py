@@ -296,14 +296,13 @@ def _cmd_broker_declare(_args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq_list(args: argparse.Namespace) -> int:
-    from kombu import Connection
-
     from shared.dead_letters import drain_dead_letters
     from shared.topology import Topology
 
     settings = get_settings()
-    with Connection(settings.broker_url) as connection:
-        letters = drain_dead_letters(connection, Topology(settings), limit=args.limit)
+    if settings.broker_url.startswith("memory"):
+        raise UsageError("the embedded in-process broker has no dead-letter queue to list; set UMI_BROKER_URL")
+    letters = drain_dead_letters(settings.broker_url, Topology(settings), limit=args.limit)
     for letter in letters:
         print(f"{letter.source_queue}: {letter.reason}\n    {letter.body[:200]}")
     print(f"{len(letters)} dead letter(s) shown")

@@ -11,6 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import pika
 from kombu import Connection
 from pydantic import BaseModel
 
@@ -73,24 +74,40 @@ def _reason(headers: dict[str, Any]) -> str:
     return "unknown"
 
 
-def drain_dead_letters(connection: Connection, topology: Topology, *, limit: int = 100, requeue: bool = True) -> list[DeadLetter]:
-    """Read up to ``limit`` dead letters; with ``requeue`` they stay on the queue."""
-    queue = topology.dead_letter_queue()(connection.default_channel)
-    queue.declare()
-    letters: list[DeadLetter] = []
-    fetched = []
-    for _ in range(limit):
-        message = queue.get(no_ack=False, accept=None)
-        if message is None:
-            break
-        fetched.append(message)
-        headers = dict(message.headers or {})
-        body = message.body.decode("utf-8", "replace") if isinstance(message.body, bytes) else str(message.body)
-        source = headers.get(SOURCE_QUEUE_HEADER) or (headers.get("x-death") or [{}])[0].get("queue")
-        letters.append(DeadLetter(reason=_reason(headers), source_queue=source, body=body, headers=_jsonable(headers)))
-    for message in fetched:
-        message.requeue() if requeue else message.ack()
-    return letters
+def drain_dead_letters(broker_url: str, topology: Topology, *, limit: int = 100, requeue: bool = True) -> list[DeadLetter]:
+    """Read up to ``limit`` dead letters; with ``requeue`` they stay on the queue.
+
+    Uses pika because putting a message back must be a ``basic.nack``: RabbitMQ 4
+    counts a ``basic.reject`` (all that py-amqp offers) against the quorum queue's
+    delivery limit, so listing the queue twenty times would drop its letters.
+    """
+    parameters = pika.URLParameters("amqp" + broker_url[broker_url.index("://") :])
+    connection = pika.BlockingConnection(parameters)
+    try:
+        channel = connection.channel()
+        queue = topology.dead_letter_queue()
+        channel.exchange_declare(topology.dead_letter_exchange.name, exchange_type="topic", durable=True)
+        channel.queue_declare(queue.name, durable=True, arguments=queue.queue_arguments)
+        channel.queue_bind(queue.name, topology.dead_letter_exchange.name, routing_key="#")
+        letters: list[DeadLetter] = []
+        tags: list[int] = []
+        for _ in range(limit):
+            method, properties, body = channel.basic_get(queue.name, auto_ack=False)
+            if method is None:
+                break
+            tags.append(method.delivery_tag)
+            headers = dict(properties.headers or {})
+            source = headers.get(SOURCE_QUEUE_HEADER) or (headers.get("x-death") or [{}])[0].get("queue")
+            text = body.decode("utf-8", "replace")
+            letters.append(DeadLetter(reason=_reason(headers), source_queue=source, body=text, headers=_jsonable(headers)))
+        for tag in tags:
+            if requeue:
+                channel.basic_nack(tag, requeue=True)
+            else:
+                channel.basic_ack(tag)
+        return letters
+    finally:
+        connection.close()
 
 
 def _jsonable(value: dict[str, Any]) -> dict[str, Any]:

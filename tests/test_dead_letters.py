@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,12 +12,11 @@ from pathlib import Path
 
 import pika
 import pytest
-from kombu import Connection
 
 from shared.dead_letters import DeadLetter, drain_dead_letters
 from shared.roles import StepRole
 from shared.topology import task_name
-from tests.conftest import load_trajectories, single_chain_indices
+from tests.conftest import UMI, load_trajectories, single_chain_indices
 from tests.deployment import Deployment
 
 
@@ -62,10 +63,9 @@ def _publish(system: Deployment, body: bytes, headers: dict[str, object] | None)
 def _wait_for_letter(system: Deployment, marker: str, timeout_s: float = 20) -> DeadLetter:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with Connection(system.settings.broker_url) as connection:
-            for letter in drain_dead_letters(connection, system.topology, limit=50):
-                if marker in letter.body:
-                    return letter
+        for letter in drain_dead_letters(system.settings.broker_url, system.topology, limit=50):
+            if marker in letter.body:
+                return letter
         time.sleep(0.2)
     raise AssertionError(f"no dead letter containing {marker!r}")
 
@@ -103,6 +103,18 @@ def test_a_job_for_a_task_that_does_not_exist_is_dead_lettered(planner_only: Dep
     job = {"task_id": str(missing), "step_index": 1, "role": "planner"}
     _publish(planner_only, _celery_body(job), _celery_headers(task_name(StepRole.PLANNER)))
     assert _wait_for_letter(planner_only, str(missing)).reason == f"task {missing} does not exist"
+
+
+def test_umi_dlq_list_shows_the_reasons_and_leaves_the_letters_queued(planner_only: Deployment) -> None:
+    marker = f"listed-{uuid.uuid4().hex}"
+    _publish(planner_only, _celery_body(marker), _celery_headers("umi.other.step"))
+    _wait_for_letter(planner_only, marker)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("UMI_")}, **planner_only.env}
+    for _ in range(2):  # listing does not consume
+        result = subprocess.run([str(UMI), "dlq", "list", "--limit", "100"], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "unknown task 'umi.other.step': no worker here runs it" in result.stdout
+        assert marker in result.stdout
 
 
 def test_the_worker_keeps_consuming_after_poison_messages(planner_only: Deployment) -> None:
