@@ -30,7 +30,7 @@ from shared.roles import LLMRole
 from shared.settings import Settings
 from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient
 
-__all__ = ["build_role_request", "client_for_role", "role_constraint"]
+__all__ = ["build_role_request", "client_for_role", "fit_to_context", "role_constraint"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,3 +97,26 @@ def client_for_role(role: LLMRole, settings: Settings) -> SGLangClient:
         backoff_s=settings.llm_backoff_s,
         max_connections=max(MIN_CONNECTIONS, settings.worker_concurrency),
     )
+
+
+def fit_to_context(
+    client: SGLangClient, request: GenerateRequest, *, context_length: int, deadline: float | None = None
+) -> GenerateRequest:
+    """Cut an over-long prompt from the left so prompt + ``max_new_tokens`` fits the context (design §2).
+
+    A token covers at least one character, so a prompt with no more characters
+    than the window leaves after the output budget (and a BOS token) cannot be
+    too long and is sent as text without asking the server. A longer one is
+    tokenized by the server; if it does not fit, its last tokens are sent as
+    ``input_ids`` — as the α-UMi reference keeps ``tokens[-max_len:]``.
+    """
+    assert request.text is not None
+    budget = context_length - (request.sampling_params.max_new_tokens or 0)
+    if len(request.text) + 1 <= budget:
+        return request
+    tokenized = client.tokenize(request.text, deadline=deadline)
+    budget = min(budget, tokenized.max_model_len - (request.sampling_params.max_new_tokens or 0))
+    if tokenized.count <= budget:
+        return request
+    logger.info("prompt of %d tokens cut to its last %d (context %d)", tokenized.count, budget, tokenized.max_model_len)
+    return request.model_copy(update={"text": None, "input_ids": tokenized.tokens[-budget:]})

@@ -33,7 +33,7 @@ from sqlmodel import Session
 
 from shared import crud
 from shared.db import get_engine, session_scope
-from shared.llm import build_role_request, client_for_role
+from shared.llm import build_role_request, client_for_role, fit_to_context
 from shared.models import Step, Task, utcnow
 from shared.prompts import NextRole, ToolDoc
 from shared.roles import LLMRole, StepRole
@@ -295,8 +295,10 @@ def run_llm_step(
         max_new_tokens=context.task.max_new_tokens,
     )
     started = time.monotonic()
+    client = rt.llm(llm_role)
     try:
-        result = rt.llm(llm_role).generate(request, deadline=context.deadline)
+        request = fit_to_context(client, request, context_length=rt.settings.context_length, deadline=context.deadline)
+        result = client.generate(request, deadline=context.deadline)
     except SGLangError as exc:
         if context.remaining_s <= 0:
             return end_task(job, rt, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded")

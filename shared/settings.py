@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     temperature: float = Field(default=0.5, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=512, ge=1)
+    #: The models' context window (Llama-2: 4096); longer prompts are cut from the left.
+    context_length: int = Field(default=4096, ge=16)
     #: Constrained decoding (planner ends with a Next marker, caller names a listed tool).
     constrained: bool = True
 

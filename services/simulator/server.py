@@ -392,6 +392,34 @@ def _register_error_handlers(app: FastAPI) -> None:
         return _json(exc.status_code, http_exception_body(exc.status_code, str(exc.detail)))
 
 
+def _register_tokenizer(app: FastAPI, engine: SimulatorEngine, config: SimulatorConfig) -> None:
+    """``/tokenize`` and ``/detokenize`` (SGLang's OpenAI-style shapes) with the pseudo-tokenizer."""
+
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = _require_object(await _read_json_body(request))
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            tokens: Any = engine.tokenizer.encode(prompt)
+            count: Any = len(tokens)
+        elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            tokens = [engine.tokenizer.encode(p) for p in prompt]
+            count = [len(t) for t in tokens]
+        else:
+            return _json(400, openai_error_body("prompt must be a string or a list of strings"))
+        return _json(200, {"tokens": tokens, "count": count, "max_model_len": config.context_length})
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = _require_object(await _read_json_body(request))
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return _json(400, openai_error_body("tokens must be a list of integers"))
+        return _json(200, {"text": engine.tokenizer.decode(tokens)})
+
+
 def create_app(config: SimulatorConfig, *, engine: SimulatorEngine | None = None) -> FastAPI:
     """The simulated SGLang server for ``config`` (an existing ``engine`` may be shared)."""
     engine = engine or SimulatorEngine(config)
@@ -414,6 +442,7 @@ def create_app(config: SimulatorConfig, *, engine: SimulatorEngine | None = None
     _register_generate(app, service)
     _register_openai(app, service, config)
     _register_control(app, engine)
+    _register_tokenizer(app, engine, config)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     return app
