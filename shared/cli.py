@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from services.simulator.__main__ import add_simulator_arguments, config_from_args
 from shared.db import SchemaOutOfDate
 from shared.evaluation import PAPER_TABLE1 as PAPER_ROWS
 from shared.roles import LLMRole, StepRole
@@ -96,12 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="the SGLang simulator (stands in for GPU servers; not inference)")
     sim_sub = sim.add_subparsers(required=True, metavar="action")
     serve = sim_sub.add_parser("serve", help="serve SGLang's HTTP API, replaying recorded trajectories")
-    serve.add_argument("--data", type=Path, action="append", required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=30000)
-    serve.add_argument("--role", choices=[r.value for r in LLMRole], default=None, help="serve one role's prompts only")
-    serve.add_argument("--latency", choices=["none", "realistic"], default="none", help="latency model preset")
-    serve.add_argument("--api-key", default=None)
+    add_simulator_arguments(serve)
     serve.add_argument("--loglevel", default="INFO")
     serve.set_defaults(func=_cmd_sim_serve)
 
@@ -256,21 +252,14 @@ def _follow_task(client: httpx.Client, task_id: str) -> int:
 
 
 def _cmd_sim_serve(args: argparse.Namespace) -> int:
-    from services.simulator import LatencyProfile, SimulatorConfig, run_simulator
+    from services.simulator import run_simulator
 
     try:
-        config = SimulatorConfig(
-            data=args.data,
-            role=args.role,
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            **LatencyProfile.preset(args.latency).model_dump(),
-        )
-    except ValidationError as exc:
+        config = config_from_args(args)
+    except (ValidationError, ValueError) as exc:
         raise UsageError(f"simulator configuration: {exc}") from None
-    print(f"SGLang SIMULATOR (replays recorded data; not inference) on http://{args.host}:{args.port}", flush=True)
-    run_simulator(config)
+    print(f"SGLang SIMULATOR (replays recorded data; not inference) on http://{config.host}:{config.port}", flush=True)
+    run_simulator(config, log_level=args.loglevel.lower())
     return 0
 
 

@@ -1,4 +1,7 @@
-"""Command line for the SGLang **simulator**: ``python -m services.simulator --role planner --port 30001``."""
+"""Command line for the SGLang **simulator**: ``umi sim serve`` (or ``python -m services.simulator``).
+
+The flags are defined once here; ``umi sim serve`` adds them to its own sub-command.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.simulator.config import DEFAULT_DATA_FILES, LATENCY_PROFILES, SimulatorConfig
-from services.simulator.server import run_simulator
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Flags named like SGLang's launch_server where they mean the same thing."""
-    parser = argparse.ArgumentParser(prog="python -m services.simulator", description=__doc__)
+def add_simulator_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The simulator's flags, named like SGLang's launch_server where they mean the same thing."""
     parser.add_argument("--role", choices=["planner", "caller", "summarizer"], default=None,
                         help="replay only this role's recordings (default: all roles)")
     parser.add_argument("--data", type=Path, action="append", default=None,
@@ -28,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queued-requests", type=int, default=None)
     parser.add_argument("--prefix-cache-tokens", type=int, default=None)
     parser.add_argument("--stream-interval", type=int, default=1)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stand-alone parser of ``python -m services.simulator``."""
+    parser = add_simulator_arguments(argparse.ArgumentParser(prog="python -m services.simulator", description=__doc__))
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -53,6 +60,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and serve until interrupted."""
+    from services.simulator.server import run_simulator
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_simulator(config_from_args(args), log_level=args.log_level)
