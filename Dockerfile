@@ -4,6 +4,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
+COPY evaluation ./evaluation
+COPY umi ./umi
 COPY examples ./examples
 RUN pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps 'sglang==0.5.23'

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.simulator import LatencyProfile  # noqa: E402
 from shared.db import get_engine, upgrade_schema  # noqa: E402
+from shared.example_data import load_trajectories, single_chain_indices  # noqa: E402
 from shared.models import Step, Task  # noqa: E402
 from shared.roles import StepRole  # noqa: E402
-from tests.conftest import load_trajectories, single_chain_indices  # noqa: E402
-from tests.deployment import Deployment  # noqa: E402
+from umi.deployment import Deployment  # noqa: E402
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

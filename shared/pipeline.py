@@ -20,11 +20,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 from sqlalchemy.engine import Engine
@@ -33,17 +32,14 @@ from sqlmodel import Session
 
 from shared import crud
 from shared.db import get_engine, session_scope
-from shared.llm import build_role_request, client_for_role, fit_to_context
+from shared.dispatch import Dispatcher
 from shared.models import Step, Task, utcnow
 from shared.prompts import NextRole, ToolDoc
-from shared.roles import LLMRole, StepRole
+from shared.roles import StepRole
 from shared.schemas import TERMINAL_STATUSES, EndReason, StepJob, TaskStatus
 from shared.settings import Settings
-from shared.sglang_client import SGLangClient, SGLangError
-from shared.tools import ToolExecutor, build_executor
 
 __all__ = [
-    "Dispatcher",
     "JobOutcome",
     "PoisonJob",
     "Runtime",
@@ -51,7 +47,7 @@ __all__ = [
     "StepDraft",
     "follow_up_job",
     "open_step",
-    "run_llm_step",
+    "end_task",
     "store_step",
 ]
 
@@ -71,47 +67,41 @@ class PoisonJob(Exception):
     """A message that can never succeed (unknown task, impossible step): dead-letter it."""
 
 
-class Dispatcher(Protocol):
-    """Publishes a job to its role's queue (confirmed by the broker before returning)."""
-
-    def dispatch(self, job: StepJob) -> None: ...
+T = TypeVar("T")
 
 
 @dataclass
 class Runtime:
-    """What handlers need: settings, the database, a dispatcher, LLM clients and tools."""
+    """What handlers need: settings, the database, a dispatcher, and the role's own resources.
+
+    A role keeps its clients (an SGLang client, the tool executor) in :attr:`resources`
+    under a name it owns, built once per process by :meth:`resource`; this module knows
+    nothing of them, so the common library stays free of role code.
+    """
 
     settings: Settings
     dispatcher: Dispatcher
-    #: A ready tool executor; by default one is built from the settings on first use.
-    tools: ToolExecutor | None = None
+    #: Role resources by name; tests pass ready ones in.
+    resources: dict[str, Any] = field(default_factory=dict)
     engine: Engine = field(init=False)
-    _clients: dict[LLMRole, SGLangClient] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.engine = get_engine(self.settings.database_url)
 
-    def llm(self, role: LLMRole) -> SGLangClient:
-        """The (shared, thread-safe) client for ``role``'s SGLang server."""
+    def resource(self, name: str, build: Callable[[], T]) -> T:
+        """The resource called ``name``, built by ``build()`` on first use (thread-safe)."""
         with self._lock:
-            if role not in self._clients:
-                self._clients[role] = client_for_role(role, self.settings)
-            return self._clients[role]
-
-    def tool_executor(self) -> ToolExecutor:
-        """The tool executor (built from settings on first use)."""
-        with self._lock:
-            if self.tools is None:
-                self.tools = build_executor(self.settings)
-            return self.tools
+            if name not in self.resources:
+                self.resources[name] = build()
+            return cast(T, self.resources[name])
 
     def close(self) -> None:
-        """Close the LLM clients' connection pools."""
-        for client in self._clients.values():
-            client.close()
-        if self.tools is not None:
-            self.tools.close()
+        """Close every resource that can be closed (connection pools)."""
+        for resource in self.resources.values():
+            close = getattr(resource, "close", None)
+            if callable(close):
+                close()
 
 
 @dataclass
@@ -269,50 +259,3 @@ def end_task(job: StepJob, rt: Runtime, *, status: TaskStatus, reason: EndReason
             crud.finish_task(task=task, status=status, reason=reason, error=error)
     logger.warning("task %s ended at step %d (%s): %s", job.task_id, job.step_index, reason, error)
     return JobOutcome.TASK_ENDED
-
-
-def run_llm_step(
-    job: StepJob,
-    rt: Runtime,
-    *,
-    llm_role: LLMRole,
-    render: Callable[[StepContext], str],
-    interpret: Callable[[str, StepContext], StepDraft],
-) -> JobOutcome:
-    """The shared shape of the planner, caller and summarizer steps: prompt → SGLang → step."""
-    context = open_step(job, rt)
-    if isinstance(context, JobOutcome):
-        return context
-    prompt = render(context)
-    request = build_role_request(
-        llm_role,
-        prompt,
-        tools=context.tools,
-        settings=rt.settings,
-        constrained=context.task.constrained,
-        rid=f"{job.task_id.hex}-{job.step_index}-{uuid.uuid4().hex[:8]}",
-        temperature=context.task.temperature,
-        max_new_tokens=context.task.max_new_tokens,
-    )
-    started = time.monotonic()
-    client = rt.llm(llm_role)
-    try:
-        request = fit_to_context(client, request, context_length=rt.settings.context_length, deadline=context.deadline)
-        result = client.generate(request, deadline=context.deadline)
-    except SGLangError as exc:
-        if context.remaining_s <= 0:
-            return end_task(job, rt, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded")
-        return end_task(
-            job, rt, status=TaskStatus.FAILED, reason=EndReason.LLM_ERROR, error=f"{llm_role} LLM failed: {exc}"
-        )
-    draft = interpret(result.text, context)
-    draft = draft.model_copy(
-        update={
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "cached_tokens": result.cached_tokens,
-            "latency_s": time.monotonic() - started,
-            "attempts": getattr(result, "attempts", None),
-        }
-    )
-    return store_step(job, draft, rt)

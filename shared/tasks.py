@@ -11,8 +11,8 @@ from sqlalchemy.engine import Engine
 
 from shared import crud
 from shared.db import session_scope
+from shared.dispatch import Dispatcher
 from shared.models import Task
-from shared.pipeline import Dispatcher
 from shared.roles import StepRole
 from shared.schemas import EndReason, StepJob, TaskCreate, TaskStatus
 from shared.settings import Settings

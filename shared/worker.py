@@ -27,34 +27,20 @@ from sqlalchemy.exc import DBAPIError
 
 from shared.celery_app import create_celery_app, worker_node_name
 from shared.dead_letters import publish_dead_letter
+from shared.dispatch import CeleryDispatcher
 from shared.pipeline import JobOutcome, PoisonJob, Runtime
 from shared.roles import StepRole
 from shared.schemas import StepJob
 from shared.settings import Settings
 from shared.topology import Topology, task_name
 
-__all__ = ["CeleryDispatcher", "StepHandler", "create_worker_app", "run_worker", "start_worker_thread"]
+__all__ = ["StepHandler", "create_worker_app", "run_worker", "start_worker_thread"]
 
 logger = logging.getLogger(__name__)
 
 StepHandler = Callable[..., JobOutcome]
 #: Pause before requeueing after an infrastructure failure (the broker redelivers at once).
 INFRA_RETRY_PAUSE_S = 1.0
-
-
-class CeleryDispatcher:
-    """Publishes step jobs through a Celery app (publisher confirms, routes from the topology)."""
-
-    def __init__(self, app: Celery) -> None:
-        self.app = app
-
-    def dispatch(self, job: StepJob) -> None:
-        """Send ``job`` to its role's queue; returns once the broker confirmed it."""
-        self.app.send_task(
-            task_name(job.role),
-            args=[job.model_dump(mode="json")],
-            task_id=f"{job.task_id}:{job.step_index}:{job.role.value}",
-        )
 
 
 class _RuntimeHolder:

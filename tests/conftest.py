@@ -8,38 +8,26 @@ PostgreSQL database, removed afterwards.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
+from shared.example_data import BUNDLED_TRAJECTORIES as TRAJECTORIES
+from shared.example_data import load_trajectories, single_chain_indices
+
+__all__ = ["REPO", "TRAIN_DIR", "TRAJECTORIES", "UMI", "load_trajectories", "single_chain_indices"]
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_DIR = REPO / "tests" / "data" / "toolbench-train-example"
-TRAJECTORIES = REPO / "shared" / "data" / "raw_data_stage_2.json"
 UMI = REPO / ".venv" / "bin" / "umi"
 
 RABBITMQ_HOST = os.environ.get("UMI_TEST_RABBITMQ_HOST", "127.0.0.1:5672")
 POSTGRES_ADMIN_URL = os.environ.get("UMI_TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def load_trajectories() -> list[dict[str, Any]]:
-    """The α-UMi example trajectories (raw_data_stage_2.json)."""
-    return json.loads(TRAJECTORIES.read_text())
-
-
-def single_chain_indices() -> list[int]:
-    """Trajectories with one user turn: a straight planner→caller→tools→…→end chain."""
-    return [
-        i
-        for i, record in enumerate(load_trajectories())
-        if sum(turn["from"] == "user" for turn in record["conversations"]) == 1
-    ]
 
 
 def _rabbitmqctl(*args: str) -> None:

@@ -6,6 +6,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlmodel import Session
+
 from services.caller.handler import handle_caller_job
 from services.planner.handler import handle_planner_job
 from services.summarizer.handler import handle_summarizer_job
@@ -17,7 +19,6 @@ from shared.pipeline import JobOutcome, Runtime
 from shared.roles import StepRole
 from shared.schemas import StepJob, TaskCreate
 from shared.settings import Settings, load_settings
-from sqlmodel import Session
 from tests.conftest import TRAJECTORIES
 
 HANDLERS = {

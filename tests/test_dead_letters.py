@@ -17,7 +17,7 @@ from shared.dead_letters import DeadLetter, drain_dead_letters
 from shared.roles import StepRole
 from shared.topology import task_name
 from tests.conftest import UMI, load_trajectories, single_chain_indices
-from tests.deployment import Deployment
+from umi.deployment import Deployment
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from shared.db import get_engine
 from shared.models import Step, Task, ToolCall
 from shared.roles import StepRole
 from tests.conftest import TRAJECTORIES, UMI, load_trajectories, single_chain_indices
-from tests.deployment import Deployment
+from umi.deployment import Deployment
 
 ROLE_BY_SPEAKER = {"assistant": "planner", "caller": "caller", "observation": "tools", "conclusion": "summarizer"}
 

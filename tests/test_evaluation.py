@@ -1,8 +1,8 @@
-"""Static-evaluation metrics (shared.evaluation) against independently computed values.
+"""Static-evaluation metrics (evaluation.metrics) against independently computed values.
 
 The samples are the planner decision points of the bundled trajectories. Every
 expected value below is computed in this file from the raw conversation turns and
-the metric definitions, never by calling shared.evaluation's scoring helpers.
+the metric definitions, never by calling evaluation.metrics's scoring helpers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 from rouge import Rouge
 
-from shared.evaluation import (
+from evaluation.metrics import (
     PAPER_TABLE1,
     ParsedOutput,
     Plan,
@@ -43,7 +43,7 @@ METRIC_KEYS = {"plan_acc", "action_em", "arg_f1", "easy_f1", "hard_f1", "hallu_r
 
 
 # ---------------------------------------------------------------------------
-# Samples built straight from the data (independent of shared.evaluation)
+# Samples built straight from the data (independent of evaluation.metrics)
 # ---------------------------------------------------------------------------
 
 

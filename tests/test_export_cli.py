@@ -6,9 +6,9 @@ import os
 import subprocess
 from pathlib import Path
 
+from evaluation.glpft import GLPFT_FILES, build_glpft
+from evaluation.trajectories import stored_trajectories
 from shared.db import get_engine
-from shared.glpft import GLPFT_FILES, build_glpft
-from shared.trajectories import stored_trajectories
 from shared.pipeline import Runtime
 from tests.conftest import TRAIN_DIR, TRAJECTORIES, UMI, load_trajectories
 from tests.pipeline_helpers import CollectingDispatcher, create_task, run_to_end, sqlite_settings

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from shared.glpft import (
+from evaluation.glpft import (
     GLPFT_FILES,
     GLPFTDataset,
     Trajectory,

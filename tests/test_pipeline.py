@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
+from services.tools import ToolRegistry, build_executor
+from services.tools.handler import TOOL_EXECUTOR
 from shared import crud
 from shared.asgi import free_port
 from shared.db import session_scope
@@ -18,7 +20,6 @@ from shared.models import ToolCall, ToolCallStatus
 from shared.pipeline import JobOutcome, PoisonJob, Runtime
 from shared.roles import StepRole
 from shared.schemas import StepJob
-from shared.tools import ToolRegistry, build_executor
 from tests.conftest import load_trajectories
 from tests.pipeline_helpers import (
     CollectingDispatcher,
@@ -66,7 +67,7 @@ def test_a_tool_call_runs_once_and_a_redelivery_takes_over_a_dead_claim(tmp_path
 
     settings = sqlite_settings(tmp_path, simulator_url)
     dispatcher = CollectingDispatcher()
-    rt = Runtime(settings=settings, dispatcher=dispatcher, tools=build_executor(settings, registry=registry))
+    rt = Runtime(settings=settings, dispatcher=dispatcher, resources={TOOL_EXECUTOR: build_executor(settings, registry=registry)})
     task_id = create_task(rt, load_trajectories()[14])
     for job in (StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER), StepJob(task_id=task_id, step_index=2, role=StepRole.CALLER)):
         run_job(rt, job)

@@ -11,12 +11,12 @@ from shared.prompts import (
     Speaker,
     ToolDoc,
     Turn,
+    model_calls,
     parse_caller_output,
     parse_planner_output,
     render_caller_prompt,
     render_history,
     render_planner_prompt,
-    model_calls,
     truncate_observation,
 )
 from tests.conftest import TRAIN_DIR, load_trajectories

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.evaluation import is_decision_point
+from evaluation.metrics import is_decision_point
 from tests.conftest import TRAJECTORIES, UMI, load_trajectories
 
 

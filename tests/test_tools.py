@@ -1,4 +1,4 @@
-"""The tool execution library (shared.tools): rules, backends, egress guard, retries, secrets.
+"""The tool execution library (services.tools): rules, backends, egress guard, retries, secrets.
 
 All network traffic goes to servers on 127.0.0.1 started here (ServerThread).
 """
@@ -20,10 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from pydantic import BaseModel, SecretStr
 
-from shared.asgi import ServerThread
-from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output
-from shared.settings import Settings
-from shared.tools import (
+from services.tools import (
     EgressRefused,
     HttpBackend,
     MirrorBackend,
@@ -46,6 +43,9 @@ from shared.tools import (
     split_compact_name,
     standardize,
 )
+from shared.asgi import ServerThread
+from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output
+from shared.settings import Settings
 from tests.conftest import TRAJECTORIES, load_trajectories
 
 PARSE_ERROR = '{"error": "Tool input parse error...\\n", "response": ""}'

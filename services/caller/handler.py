@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from shared.crud import steps_to_turns
-from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, run_llm_step
+from shared.llm_step import run_llm_step
+from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft
 from shared.prompts import parse_caller_output, render_caller_prompt
 from shared.roles import LLMRole, StepRole
 from shared.schemas import EndReason, StepJob, TaskMode, TaskStatus

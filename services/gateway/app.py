@@ -22,12 +22,11 @@ from sqlalchemy.engine import Engine
 from shared import crud
 from shared.celery_app import create_celery_app
 from shared.db import ensure_schema_current, get_engine, session_scope
-from shared.pipeline import Dispatcher
+from shared.dispatch import CeleryDispatcher, Dispatcher
 from shared.schemas import TaskAccepted, TaskCreate, TaskPublic, TaskStatus
 from shared.settings import Settings, get_settings
 from shared.tasks import EnqueueError, submit_task
 from shared.topology import Topology
-from shared.worker import CeleryDispatcher
 
 __all__ = ["create_app"]
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.example_data import BUNDLED_TRAJECTORIES
 from shared.roles import LLMRole
 
 __all__ = [
@@ -41,9 +42,7 @@ __all__ = [
 SIMULATED_SGLANG_VERSION = "0.5.23"
 
 #: The α-UMi example trajectories shipped with the product (ToolBench-derived, Apache-2.0).
-DEFAULT_DATA_FILES: tuple[Path, ...] = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "raw_data_stage_2.json",
-)
+DEFAULT_DATA_FILES: tuple[Path, ...] = (BUNDLED_TRAJECTORIES,)
 
 
 class LatencyProfile(BaseModel):

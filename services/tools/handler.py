@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from services.tools.executor import ToolExecutor, build_executor
 from shared import crud
 from shared.db import session_scope
 from shared.models import ToolCall, ToolCallStatus, utcnow
@@ -13,7 +14,15 @@ from shared.prompts import parse_caller_output
 from shared.roles import StepRole
 from shared.schemas import StepJob
 
-__all__ = ["handle_tools_job"]
+__all__ = ["TOOL_EXECUTOR", "handle_tools_job", "tool_executor"]
+
+#: The name of this worker's tool executor among the runtime's resources.
+TOOL_EXECUTOR = "tool_executor"
+
+
+def tool_executor(rt: Runtime) -> ToolExecutor:
+    """This process's tool executor, built from the settings on first use."""
+    return rt.resource(TOOL_EXECUTOR, lambda: build_executor(rt.settings))
 
 
 def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) -> JobOutcome:
@@ -48,7 +57,7 @@ def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) ->
         return JobOutcome.DUPLICATE
 
     # The history lets the mirror tell apart identical calls recorded with different observations.
-    outcome = rt.tool_executor().execute(
+    outcome = tool_executor(rt).execute(
         call.action, call.action_input, context.tools, history=crud.steps_to_turns(context.steps)
     )
 

@@ -25,13 +25,13 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from services.tools.base import ToolBackend
+from services.tools.catalog import CatalogEntry, ToolCatalog
+from services.tools.errors import InvalidArgumentsError, NoBackendError
+from services.tools.httpio import raise_for_status, send
+from services.tools.models import CallContext
+from services.tools.netguard import NetworkGuard, guarded_client
 from shared.prompts import ToolDoc
-from shared.tools.base import ToolBackend
-from shared.tools.catalog import CatalogEntry, ToolCatalog
-from shared.tools.errors import InvalidArgumentsError, NoBackendError
-from shared.tools.httpio import raise_for_status, send
-from shared.tools.models import CallContext
-from shared.tools.netguard import NetworkGuard, guarded_client
 
 __all__ = ["HttpBackend", "PreparedRequest", "prepare_request"]
 

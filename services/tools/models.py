@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.tools.errors import ToolErrorKind, ToolInputError
 from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output
-from shared.tools.errors import ToolErrorKind, ToolInputError
 
 __all__ = ["CallContext", "ToolOutcome", "canonical_arguments", "parse_action_input"]
 

@@ -26,10 +26,10 @@ from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from evaluation.metrics import StaticMetrics, format_prediction, is_decision_point, reference_for
 from shared import crud
-from shared.evaluation import StaticMetrics, format_prediction, is_decision_point, reference_for
+from shared.dispatch import Dispatcher
 from shared.models import Task
-from shared.pipeline import Dispatcher
 from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
 from shared.schemas import TERMINAL_STATUSES, TaskCreate, TaskMode

@@ -26,10 +26,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from services.tools.base import ToolBackend
+from services.tools.errors import MirrorMissError, ToolInputError, ToolSetupError
+from services.tools.models import CallContext, canonical_arguments, parse_action_input
 from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output
-from shared.tools.base import ToolBackend
-from shared.tools.errors import MirrorMissError, ToolInputError, ToolSetupError
-from shared.tools.models import CallContext, canonical_arguments, parse_action_input
 
 __all__ = ["MirrorBackend", "MirrorRecord", "Recording", "recordings_of"]
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from shared.tools.errors import (
+from services.tools.errors import (
     BackendTimeout,
     BackendUnavailable,
     EgressRefused,

@@ -21,9 +21,21 @@ from urllib.parse import quote, quote_plus
 
 from pydantic import SecretStr
 
-__all__ = ["MASK", "RedactingFilter", "Redactor", "install_log_redaction", "log_redacted"]
+__all__ = [
+    "ERROR_TEXT_LIMIT",
+    "MASK",
+    "RedactingFilter",
+    "Redactor",
+    "bound_text",
+    "install_log_redaction",
+    "log_redacted",
+    "secrets_redactor",
+]
 
 MASK = "***"
+#: The most characters of an error text (from SGLang, a tool, an exception) that is stored,
+#: returned or logged; the rest is cut, so a server that answers with megabytes cannot fill rows.
+ERROR_TEXT_LIMIT = 4096
 
 
 class Redactor:
@@ -100,7 +112,7 @@ _FILTER = RedactingFilter()
 #: Loggers whose records may carry tool arguments (httpx logs each request URL at INFO).
 #: A logger's filters do not apply to its children's records, so each is named.
 REDACTED_LOGGERS = (
-    "shared.tools",
+    "services.tools",
     "httpx",
     "httpcore.connection",
     "httpcore.http11",
@@ -116,3 +128,17 @@ def install_log_redaction(redactor: Redactor) -> None:
         log = logging.getLogger(name)
         if _FILTER not in log.filters:
             log.addFilter(_FILTER)
+
+
+def bound_text(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"… [{len(text) - limit} more characters cut]"
+    return text[: max(0, limit - len(note))] + note
+
+
+def secrets_redactor(settings: object) -> Redactor:
+    """A redactor for every secret in the settings (each ``SecretStr`` field, e.g. ``UMI_LLM_API_KEY``)."""
+    values = [value for value in vars(settings).values() if isinstance(value, SecretStr)]
+    return Redactor(values)

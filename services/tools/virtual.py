@@ -23,14 +23,14 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
+from services.tools.base import ToolBackend
+from services.tools.catalog import ToolCatalog
+from services.tools.errors import ApiReportedError, BadResponseError
+from services.tools.httpio import raise_for_status, send
+from services.tools.models import CallContext
+from services.tools.names import split_compact_name
+from services.tools.netguard import NetworkGuard, guarded_client
 from shared.prompts import ToolDoc
-from shared.tools.base import ToolBackend
-from shared.tools.catalog import ToolCatalog
-from shared.tools.errors import ApiReportedError, BadResponseError
-from shared.tools.httpio import raise_for_status, send
-from shared.tools.models import CallContext
-from shared.tools.netguard import NetworkGuard, guarded_client
-from shared.tools.names import split_compact_name
 
 __all__ = ["VirtualBackend", "VirtualReply", "VirtualRequest", "VirtualTarget"]
 

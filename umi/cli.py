@@ -29,10 +29,10 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from evaluation.metrics import PAPER_TABLE1 as PAPER_ROWS
 from services.simulator.__main__ import add_simulator_arguments, config_from_args
 from shared.db import SchemaOutOfDate
-from shared.evaluation import PAPER_TABLE1 as PAPER_ROWS
-from shared.roles import LLMRole, StepRole
+from shared.roles import StepRole
 from shared.settings import ConfigurationError, get_settings
 
 __all__ = ["main"]
@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from shared.embedded import EmbeddedSystem
+    from umi.embedded import EmbeddedSystem
 
     system = EmbeddedSystem.start(host=args.host, port=args.port, concurrency=args.concurrency, simulator_data=args.data)
     print("α-UMi on queues is up (embedded mode):")
@@ -306,8 +306,8 @@ def _read_json_list(path: Path, what: str) -> list[Any]:
 
 
 def _cmd_eval_static(args: argparse.Namespace) -> int:
-    from shared.evaluation import metrics_table, score_predictions
-    from shared.static_eval import StaticEvalOptions, decision_points, run_static_eval, write_results
+    from evaluation.metrics import metrics_table, score_predictions
+    from evaluation.static import StaticEvalOptions, decision_points, run_static_eval, write_results
 
     records = _read_json_list(args.data, "--data")
     try:
@@ -342,12 +342,12 @@ def _evaluation_system(args: argparse.Namespace, *, concurrency: int) -> Iterato
     import os
 
     from shared.db import ensure_schema_current, get_engine
-    from shared.embedded import EmbeddedSystem
+    from umi.embedded import EmbeddedSystem
 
     if "UMI_BROKER_URL" in os.environ:
         from shared.celery_app import create_celery_app
+        from shared.dispatch import CeleryDispatcher
         from shared.topology import Topology
-        from shared.worker import CeleryDispatcher
 
         settings = get_settings()
         ensure_schema_current(settings.database_url)
@@ -367,7 +367,7 @@ def _evaluation_system(args: argparse.Namespace, *, concurrency: int) -> Iterato
         for line in system.describe()[1:]:
             print("  " + line, file=sys.stderr)
         from shared.celery_app import create_celery_app
-        from shared.worker import CeleryDispatcher
+        from shared.dispatch import CeleryDispatcher
 
         dispatcher = CeleryDispatcher(create_celery_app(system.settings, name="umi.eval"))
         yield get_engine(system.settings.database_url), dispatcher, system.settings
@@ -376,7 +376,7 @@ def _evaluation_system(args: argparse.Namespace, *, concurrency: int) -> Iterato
 
 
 def _cmd_eval_score(args: argparse.Namespace) -> int:
-    from shared.evaluation import metrics_table, score_predictions
+    from evaluation.metrics import metrics_table, score_predictions
 
     records = _read_json_list(args.predictions, "--predictions")
     try:
@@ -392,11 +392,11 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_glpft(args: argparse.Namespace) -> int:
-    from shared.glpft import build_glpft, write_glpft
+    from evaluation.glpft import build_glpft, write_glpft
 
     if args.from_db:
+        from evaluation.trajectories import stored_trajectories
         from shared.db import ensure_schema_current, get_engine
-        from shared.trajectories import stored_trajectories
 
         settings = get_settings()
         ensure_schema_current(settings.database_url)

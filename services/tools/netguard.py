@@ -28,7 +28,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from shared.tools.errors import BackendUnavailable, EgressRefused, ToolSetupError
+from services.tools.errors import BackendUnavailable, EgressRefused, ToolSetupError
 
 __all__ = [
     "GuardedNetworkBackend",

@@ -1,4 +1,4 @@
-"""A multi-process deployment for end-to-end tests.
+"""A multi-process deployment on one machine, for end-to-end tests and the benchmark.
 
 Real RabbitMQ (a per-session vhost), real PostgreSQL, each role worker as its own
 ``umi worker <role>`` process, the gateway on real HTTP, and the SGLang
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,12 +20,13 @@ import httpx
 from kombu import Connection
 
 from services.gateway.app import create_app as create_gateway
-from services.simulator import SimulatorConfig, create_app as create_simulator
+from services.simulator import SimulatorConfig
+from services.simulator import create_app as create_simulator
 from shared.asgi import ServerThread
+from shared.example_data import BUNDLED_TRAJECTORIES as TRAJECTORIES
 from shared.roles import LLMRole, StepRole
 from shared.settings import Settings, load_settings
 from shared.topology import QUEUE_ROLES, Topology
-from tests.conftest import TRAJECTORIES, UMI
 
 TERMINAL = {"succeeded", "gave_up", "failed", "cancelled"}
 
@@ -76,7 +78,7 @@ class Deployment:
         """Start ``umi worker <role>`` and wait until it consumes its queue."""
         log = open(self.log_dir / f"worker-{role.value}-{len(os.listdir(self.log_dir))}.log", "wb")
         process = subprocess.Popen(
-            [str(UMI), "worker", role.value, "--concurrency", str(concurrency), "--loglevel", "INFO"],
+            [sys.executable, "-m", "umi", "worker", role.value, "--concurrency", str(concurrency), "--loglevel", "INFO"],
             env={**os.environ, **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,

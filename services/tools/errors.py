@@ -7,7 +7,7 @@ mirror file) are :class:`ToolSetupError` and surface when the executor is built.
 
 ::
 
-    ToolError                          base of everything raised by shared.tools
+    ToolError                          base of everything raised by services.tools
     ├── ToolSetupError                 bad mirror file / catalog / registry use (build time)
     └── ToolCallError                  one call failed; carries its error observation
         ├── CallRejected               the call never reached a backend
@@ -98,7 +98,7 @@ class ToolErrorKind(StrEnum):
 
 
 class ToolError(Exception):
-    """Base of every error raised by :mod:`shared.tools`."""
+    """Base of every error raised by :mod:`services.tools`."""
 
 
 class ToolSetupError(ToolError):

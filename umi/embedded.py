@@ -19,6 +19,7 @@ from pathlib import Path
 
 from shared.asgi import ServerThread
 from shared.db import upgrade_schema
+from shared.example_data import BUNDLED_TRAJECTORIES
 from shared.roles import LLMRole
 from shared.settings import Settings, load_settings
 from shared.topology import QUEUE_ROLES
@@ -28,7 +29,6 @@ __all__ = ["BUNDLED_TRAJECTORIES", "EmbeddedSystem", "embedded_settings"]
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_TRAJECTORIES = Path(__file__).resolve().parent / "data" / "raw_data_stage_2.json"
 EMBEDDED_BROKER_URL = "memory://localhost/"
 
 
@@ -71,7 +71,8 @@ class EmbeddedSystem:
         Returns once everything accepts work. ``overrides`` are settings fields.
         """
         from services.gateway.app import create_app as create_gateway
-        from services.simulator import SimulatorConfig, create_app as create_simulator
+        from services.simulator import SimulatorConfig
+        from services.simulator import create_app as create_simulator
 
         settings, simulated = embedded_settings(environ, **overrides)
         system = cls(settings=settings)

@@ -30,9 +30,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from shared.prompts import ToolDoc
-from shared.tools.base import ToolBackend
-from shared.tools.errors import (
+from services.tools.base import ToolBackend
+from services.tools.errors import (
     TIMEOUT_MESSAGE,
     InvalidArgumentsError,
     NoBackendError,
@@ -41,7 +40,8 @@ from shared.tools.errors import (
     ToolFunctionError,
     ToolSetupError,
 )
-from shared.tools.models import CallContext
+from services.tools.models import CallContext
+from shared.prompts import ToolDoc
 
 __all__ = ["PythonBackend", "RegisteredTool", "ToolRegistry", "default_registry", "register"]
 

@@ -30,27 +30,27 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.prompts import ToolDoc, Turn, truncate_observation
-from shared.settings import Settings
-from shared.tools.base import ToolBackend
-from shared.tools.catalog import ToolCatalog
-from shared.tools.errors import (
+from services.tools.base import ToolBackend
+from services.tools.catalog import ToolCatalog
+from services.tools.errors import (
     NoBackendError,
     ToolCallError,
     TransientBackendError,
     UnknownToolError,
 )
-from shared.tools.http_api import HttpBackend
-from shared.tools.mirror import MirrorBackend
-from shared.tools.models import CallContext, ToolOutcome, parse_action_input
-from shared.tools.netguard import NetworkGuard
-from shared.tools.redact import Redactor, install_log_redaction, log_redacted
-from shared.tools.registry import PythonBackend, ToolRegistry, default_registry
-from shared.tools.virtual import VirtualBackend
+from services.tools.http_api import HttpBackend
+from services.tools.mirror import MirrorBackend
+from services.tools.models import CallContext, ToolOutcome, parse_action_input
+from services.tools.netguard import NetworkGuard
+from services.tools.registry import PythonBackend, ToolRegistry, default_registry
+from services.tools.virtual import VirtualBackend
+from shared.prompts import ToolDoc, Turn, truncate_observation
+from shared.redaction import Redactor, install_log_redaction, log_redacted
+from shared.settings import Settings
 
 __all__ = ["RetryPolicy", "ToolExecutor", "build_executor"]
 
-logger = logging.getLogger("shared.tools")
+logger = logging.getLogger("services.tools")
 
 
 class RetryPolicy(BaseModel):

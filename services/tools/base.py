@@ -2,7 +2,7 @@
 
 The executor asks its backends in order and uses the first whose :meth:`ToolBackend.can_serve`
 accepts the tool's Name. A backend returns the observation text, or raises a
-:class:`~shared.tools.errors.ToolCallError` (transient ones are retried by the executor).
+:class:`~services.tools.errors.ToolCallError` (transient ones are retried by the executor).
 
 Usage::
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from services.tools.models import CallContext
 from shared.prompts import ToolDoc
-from shared.tools.models import CallContext
 
 __all__ = ["ToolBackend"]
 

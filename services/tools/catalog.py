@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.tools.errors import ToolSetupError
-from shared.tools.names import change_name, compact_name, parameter_name, standardize
+from services.tools.errors import ToolSetupError
+from services.tools.names import change_name, compact_name, parameter_name, standardize
 
 __all__ = ["ApiSpec", "CatalogEntry", "ToolCatalog", "ToolParameter", "ToolSpec"]
 
