@@ -32,7 +32,9 @@ from shared.dispatch import Dispatcher
 from shared.models import Task
 from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
-from shared.schemas import TERMINAL_STATUSES, TaskCreate, TaskMode
+from shared.lifecycle import TERMINAL_STATUSES
+from shared.models import TaskMode
+from shared.schemas import TaskCreate
 from shared.settings import Settings
 from shared.tasks import submit_task
 
