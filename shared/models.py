@@ -43,8 +43,14 @@ __all__ = [
 
 
 def enum_column(enum: type[StrEnum], length: int = 16) -> Enum:
-    """A column type for ``enum`` that stores its *values* in a ``VARCHAR(length)``."""
-    return Enum(enum, native_enum=False, length=length, values_callable=lambda members: [m.value for m in members])
+    """A column type for ``enum`` that stores its *values* in a ``VARCHAR(length)``.
+
+    Writing a string that is not one of the values fails before it reaches the
+    database, with the allowed values in the error.
+    """
+    return Enum(
+        enum, native_enum=False, length=length, validate_strings=True, values_callable=lambda members: [m.value for m in members]
+    )
 
 
 class TaskMode(StrEnum):

@@ -8,7 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import text, update
+from sqlalchemy.exc import StatementError
 
 from shared import lifecycle
 from shared.db import get_engine, session_scope, upgrade_schema
@@ -92,6 +93,9 @@ def test_status_columns_store_enum_values_so_rows_written_as_plain_strings_read_
         session.add(ToolCall(task_id=task_id, step_index=3, tool_name="t", arguments="{}", status=ToolCallStatus.RUNNING))
     with engine.connect() as connection:
         assert connection.execute(text("SELECT status FROM umi_tool_call")).scalar_one() == "running"
+    with pytest.raises(StatementError, match="'finished' is not among the defined enum values.*queued, running, succeeded"):
+        with session_scope(engine) as session:
+            session.execute(update(Task).where(Task.id == task_id).values(status="finished"))
 
 
 def _product_files() -> list[Path]:
