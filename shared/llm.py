@@ -1,4 +1,4 @@
-"""Per-role SGLang requests and clients: the generation settings of design §2 in one place.
+"""Per-role SGLang requests and clients: the α-UMi generation settings in one place.
 
 Every α-UMi role stops at ``</s>``, generates at most ``max_new_tokens`` (512)
 and samples at the configured temperature (0.5, as the published real-API
@@ -102,7 +102,7 @@ def client_for_role(role: LLMRole, settings: Settings) -> SGLangClient:
 def fit_to_context(
     client: SGLangClient, request: GenerateRequest, *, context_length: int, deadline: float | None = None
 ) -> GenerateRequest:
-    """Cut an over-long prompt from the left so prompt + ``max_new_tokens`` fits the context (design §2).
+    """Cut an over-long prompt from the left so prompt + ``max_new_tokens`` fits the context (docs/architecture.md).
 
     A token covers at least one character, so a prompt with no more characters
     than the window leaves after the output budget (and a BOS token) cannot be

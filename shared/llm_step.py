@@ -14,7 +14,8 @@ from collections.abc import Callable
 from shared.llm import build_role_request, client_for_role, fit_to_context
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
 from shared.roles import LLMRole
-from shared.schemas import EndReason, StepJob, TaskStatus
+from shared.lifecycle import EndReason
+from shared.schemas import StepJob
 from shared.sglang_client import SGLangClient, SGLangError
 
 __all__ = ["llm_client", "run_llm_step"]
@@ -55,10 +56,8 @@ def run_llm_step(
         result = client.generate(request, deadline=context.deadline)
     except SGLangError as exc:
         if context.remaining_s <= 0:
-            return end_task(job, rt, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded")
-        return end_task(
-            job, rt, status=TaskStatus.FAILED, reason=EndReason.LLM_ERROR, error=f"{llm_role} LLM failed: {exc}"
-        )
+            return end_task(job, rt, reason=EndReason.DEADLINE, error="deadline exceeded")
+        return end_task(job, rt, reason=EndReason.LLM_ERROR, error=f"{llm_role} LLM failed: {exc}")
     draft = interpret(result.text, context)
     draft = draft.model_copy(
         update={

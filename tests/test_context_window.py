@@ -1,4 +1,4 @@
-"""Prompts longer than the context window minus the output budget are cut from the left (design §2)."""
+"""Prompts longer than the context window minus the output budget are cut from the left (docs/architecture.md)."""
 
 from __future__ import annotations
 
