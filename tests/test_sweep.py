@@ -20,11 +20,11 @@ from services.gateway.app import create_app
 from services.gateway.sweep import SWEEP_LOCK_KEY, DeadlineSweeper
 from shared import crud
 from shared.asgi import ServerThread
-from shared.db import get_engine, session_scope, upgrade_schema
+from shared.db import get_engine, session_scope
 from shared.models import utcnow
 from shared.schemas import TaskCreate
 from shared.settings import load_settings
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.conftest import fresh_postgres_database
 from tests.pipeline_helpers import CollectingDispatcher
 
 TOOL = {"Name": "ping_for_demo", "function": "ping", "input": {}}
@@ -32,15 +32,8 @@ TOOL = {"Name": "ping_for_demo", "function": "ping", "input": {}}
 
 @pytest.fixture
 def database_url() -> Iterator[str]:
-    name = f"umi_sweep_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
-    upgrade_schema(url)
-    yield url
-    get_engine(url).dispose()
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("umi_sweep") as url:
+        yield url
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
