@@ -110,12 +110,19 @@ class ToolExecutor:
         return next((b for b in self._backends if b.can_serve(tool_name)), None)
 
     def execute(
-        self, action: str, action_input: str, tools: Sequence[ToolDoc], *, history: Sequence[Turn] = ()
+        self,
+        action: str,
+        action_input: str,
+        tools: Sequence[ToolDoc],
+        *,
+        history: Sequence[Turn] = (),
+        idempotency_key: str | None = None,
     ) -> ToolOutcome:
         """Run one call and return its (truncated, redacted) observation; never raises for a bad call.
 
         ``history`` (the task's conversation so far) is optional; the mirror backend uses
-        it to replay repeated identical calls faithfully.
+        it to replay repeated identical calls faithfully. ``idempotency_key`` is sent by
+        the HTTP backends with every attempt of the call.
         """
         started = time.monotonic()
         try:
@@ -127,7 +134,8 @@ class ToolExecutor:
         except ToolCallError as exc:
             return self._finish(action, None, _Attempts(error=exc, attempts=0), started)
         log_redacted(logger, logging.DEBUG, self._redact, "tool call %s via %s: %s", tool.Name, backend.name, arguments)
-        result = self._call_with_retries(backend, tool, arguments, CallContext(tools=tuple(tools), history=tuple(history)))
+        context = CallContext(tools=tuple(tools), history=tuple(history), idempotency_key=idempotency_key)
+        result = self._call_with_retries(backend, tool, arguments, context)
         return self._finish(action, backend.name, result, started)
 
     def _call_with_retries(
