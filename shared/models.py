@@ -12,8 +12,10 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, ForeignKey, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, ForeignKey, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+from shared.sqltypes import SafeString, SafeText
 
 __all__ = ["Step", "Task", "ToolCall", "ToolCallStatus", "utcnow"]
 
@@ -30,10 +32,10 @@ class Task(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     status: str = Field(max_length=16, index=True)
-    query: str = Field(sa_column=Column(Text, nullable=False))
+    query: str = Field(sa_column=Column(SafeText, nullable=False))
     tools: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
-    answer: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    answer: str | None = Field(default=None, sa_column=Column(SafeText, nullable=True))
+    error: str | None = Field(default=None, sa_column=Column(SafeText, nullable=True))
     end_reason: str | None = Field(default=None, max_length=32)
     max_steps: int
     constrained: bool
@@ -56,12 +58,12 @@ class Step(SQLModel, table=True):
     task_id: uuid.UUID = Field(sa_column=Column(ForeignKey("umi_task.id", ondelete="CASCADE"), index=True, nullable=False))
     index: int
     role: str = Field(max_length=16)
-    output: str = Field(sa_column=Column(Text, nullable=False))
+    output: str = Field(sa_column=Column(SafeText, nullable=False))
     #: The LLM's text before parsing (planner outputs are cut after their Next marker).
-    raw_output: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    raw_output: str | None = Field(default=None, sa_column=Column(SafeText, nullable=True))
     #: Planner steps: who acts next (``caller``, ``conclusion``, ``give up``).
     next_role: str | None = Field(default=None, max_length=16)
-    tool_name: str | None = Field(default=None, max_length=256)
+    tool_name: str | None = Field(default=None, max_length=256, sa_type=SafeString(256))
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
@@ -86,13 +88,13 @@ class ToolCall(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     task_id: uuid.UUID = Field(sa_column=Column(ForeignKey("umi_task.id", ondelete="CASCADE"), index=True, nullable=False))
     step_index: int
-    tool_name: str = Field(max_length=256)
-    arguments: str = Field(sa_column=Column(Text, nullable=False))
+    tool_name: str = Field(max_length=256, sa_type=SafeString(256))
+    arguments: str = Field(sa_column=Column(SafeText, nullable=False))
     status: str = Field(max_length=16)
     attempts: int = 1
     ok: bool | None = None
     backend: str | None = Field(default=None, max_length=32)
-    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    error: str | None = Field(default=None, sa_column=Column(SafeText, nullable=True))
     latency_s: float | None = None
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None

@@ -66,6 +66,8 @@ class EndReason(StrEnum):
     CANCELLED = "cancelled"
     LLM_ERROR = "llm_error"
     ENQUEUE_ERROR = "enqueue_error"
+    #: A worker hit an error it does not know how to handle; the task's error says which.
+    INTERNAL_ERROR = "internal_error"
 
 
 class StepJob(BaseModel):
