@@ -99,7 +99,7 @@ def run_job(handler: StepHandler, job: StepJob, rt: Runtime, *, redelivered: boo
         raise
     except Exception as exc:
         redact = secrets_redactor(rt.settings)
-        error = bound_text(redact(f"{job.role.value} worker: {type(exc).__name__}: {exc}"))
+        error = bound_text(redact(f"{job.role.value} worker: {_describe(exc)}"))
         logger.error(
             "task %s step %d: unexpected error, ending the task: %s",
             job.task_id, job.step_index, bound_text(redact(traceback.format_exc())),
@@ -128,9 +128,16 @@ def _retrying_in_place(rt: Runtime, call: Callable[[int], JobOutcome]) -> JobOut
                 return call(attempt.num)
     except Exception as exc:
         if is_transient(exc):
-            raise InfrastructureUnavailable(f"still unreachable after {budget:.0f}s: {exc}") from exc
+            raise InfrastructureUnavailable(f"still unreachable after {budget:.0f}s: {_describe(exc)}") from exc
         raise
     raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``; for a database error the driver's own, without SQLAlchemy's statement and parameters."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _RuntimeHolder:

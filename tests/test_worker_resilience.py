@@ -309,7 +309,9 @@ def test_a_data_error_is_not_retried_as_if_the_database_were_down(runtime: Runti
     handler, calls = _handler(DataError("INSERT …", {}, ValueError("value refused")))
     run_job(handler, StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER), runtime, redelivered=False)
     assert calls == [False]
-    assert _task(runtime, task_id).end_reason == EndReason.INTERNAL_ERROR
+    task = _task(runtime, task_id)
+    assert task.end_reason == EndReason.INTERNAL_ERROR
+    assert task.error == "planner worker: ValueError: value refused"  # the driver's words, no SQL or parameters
 
 
 def test_an_outage_is_retried_in_place_and_the_retries_count_as_redelivered(runtime: Runtime) -> None:
