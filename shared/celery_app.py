@@ -97,7 +97,8 @@ def dead_letter_message(app: Celery, message: Message, reason: str) -> None:
     """
     settings: Settings = app.conf.umi_settings
     source = (message.delivery_info or {}).get("routing_key") or "unknown"
-    with app.connection_for_write() as connection:
+    # A pooled connection: a flood of malformed messages costs no handshake each.
+    with app.pool.acquire(block=True) as connection:
         publish_dead_letter(
             connection,
             Topology(settings),

@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(default=5, ge=1)
     #: How long a worker retries a job in place (backoff) while the database or broker is
     #: unreachable before it gives the message back to the queue (which spends a delivery).
-    infra_retry_s: float = Field(default=60.0, ge=0)
+    #: The message stays unacked meanwhile, so this stays under RabbitMQ's 30-minute consumer timeout.
+    infra_retry_s: float = Field(default=60.0, ge=0, le=1500)
 
     # --- SGLang servers, one per LLM role ----------------------------------
     planner_llm_url: str = "http://127.0.0.1:30001"
