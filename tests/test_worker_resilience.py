@@ -25,6 +25,7 @@ from sqlmodel import Session, select
 from shared import crud
 from shared.db import session_scope
 from shared.dead_letters import REASON_HEADER, DeadLetter, drain_dead_letters, pika_parameters
+from shared.lifecycle import TERMINAL_STATUSES
 from shared.models import Step, Task, ToolCall, ToolCallStatus
 from shared.pipeline import JobOutcome, Runtime, StepDraft, store_step
 from shared.roles import StepRole
@@ -37,7 +38,7 @@ from tests.conftest import REPO, UMI, load_trajectories, single_chain_indices
 from tests.messages import celery_body, celery_headers, confirmed_channel, publish
 from tests.pipeline_helpers import CollectingDispatcher
 from tests.tcp_proxy import TcpProxy
-from umi.deployment import TERMINAL, Deployment
+from umi.deployment import Deployment
 
 MARKER = "x-test-marker"
 
@@ -382,7 +383,7 @@ def test_a_20s_database_outage_mid_run_loses_and_dead_letters_nothing(
             tasks = [_submit_recorded(system, n) for n in range(6)]
             _wait_until(lambda: sum(len(system.get(t)["steps"]) for t in tasks) >= 12, timeout_s=60)
             proxy.cut()
-            assert any(system.get(t)["status"] not in TERMINAL for t in tasks), "the outage must hit tasks mid-run"
+            assert any(system.get(t)["status"] not in TERMINAL_STATUSES for t in tasks), "the outage must hit tasks mid-run"
             cut_at = time.monotonic()
             time.sleep(20)
             proxy.restore()
