@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.constraints import caller_ebnf, planner_regex
+from shared.context_window import cut_text_to_tokens, max_prompt_tokens, prompt_budget
 from shared.prompts import STOP_SEQUENCE, ToolDoc
 from shared.roles import LLMRole
 from shared.settings import Settings
-from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient
+from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient, SGLangRequestError
 
 __all__ = ["build_role_request", "client_for_role", "fit_to_context", "role_constraint"]
 
@@ -80,6 +81,8 @@ def build_role_request(
         "temperature": 0.0 if greedy else temperature,
         "top_p": settings.top_p,
         "stop": [STOP_SEQUENCE],
+        # The reference generates with force_generate: never stop on the first token.
+        "min_new_tokens": 1,
     }
     if constrained:
         params.update(role_constraint(role, tools))
@@ -102,21 +105,34 @@ def client_for_role(role: LLMRole, settings: Settings) -> SGLangClient:
 def fit_to_context(
     client: SGLangClient, request: GenerateRequest, *, context_length: int, deadline: float | None = None
 ) -> GenerateRequest:
-    """Cut an over-long prompt from the left so prompt + ``max_new_tokens`` fits the context (design §2).
+    """Cut an over-long prompt from the left so prompt + ``max_new_tokens`` fits the context.
 
-    A token covers at least one character, so a prompt with no more characters
-    than the window leaves after the output budget (and a BOS token) cannot be
-    too long and is sent as text without asking the server. A longer one is
-    tokenized by the server; if it does not fit, its last tokens are sent as
-    ``input_ids`` — as the α-UMi reference keeps ``tokens[-max_len:]``.
+    A prompt whose UTF-8 byte count (plus BOS and a prefix space) fits the budget cannot
+    be too long and is sent as text without asking the server. A longer one is tokenized
+    by the server; if it does not fit, its last tokens are sent as ``input_ids`` — as the
+    α-UMi reference keeps ``tokens[-max_len:]``. Where the server has no ``/tokenize``
+    route (an SGLang router, a gateway), the prompt's tail is cut by the byte bound and
+    sent as text: shorter than the exact cut, never too long.
     """
     assert request.text is not None
-    budget = context_length - (request.sampling_params.max_new_tokens or 0)
-    if len(request.text) + 1 <= budget:
+    max_new_tokens = request.sampling_params.max_new_tokens or 0
+    budget = prompt_budget(context_length, max_new_tokens)
+    if max_prompt_tokens(request.text) <= budget:
         return request
-    tokenized = client.tokenize(request.text, deadline=deadline)
-    budget = min(budget, tokenized.max_model_len - (request.sampling_params.max_new_tokens or 0))
+    try:
+        tokenized = client.tokenize(request.text, deadline=deadline)
+    except SGLangRequestError as exc:
+        if exc.status_code not in TOKENIZE_MISSING_STATUSES:
+            raise
+        cut = cut_text_to_tokens(request.text, budget)
+        logger.info("no /tokenize at %s: prompt cut by its byte count to %d characters", client.base_url, len(cut))
+        return request.model_copy(update={"text": cut})
+    budget = min(budget, tokenized.max_model_len - max_new_tokens)
     if tokenized.count <= budget:
         return request
     logger.info("prompt of %d tokens cut to its last %d (context %d)", tokenized.count, budget, tokenized.max_model_len)
     return request.model_copy(update={"text": None, "input_ids": tokenized.tokens[-budget:]})
+
+
+#: Answers meaning "this server has no /tokenize route" (a router or gateway in front of SGLang).
+TOKENIZE_MISSING_STATUSES = frozenset({404, 405, 501})

@@ -2,22 +2,35 @@
 
 Each LLM role's handler supplies how to render its prompt and how to interpret the
 output; this module asks the role's SGLang server (one client per worker process,
-kept in the :class:`~shared.pipeline.Runtime`) and stores the step idempotently.
+kept in the :class:`~shared.pipeline.Runtime`), normalises the output as the α-UMi
+reference does (:func:`shared.prompts.normalize_output`; a blank planner output is
+asked again, up to :data:`~shared.prompts.PLANNER_MAX_GENERATIONS` times) and stores
+the step idempotently, with the raw output beside the normalised one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
 
 from shared.llm import build_role_request, client_for_role, fit_to_context
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
+from shared.prompts import (
+    NONE_OUTPUT,
+    PLANNER_MAX_GENERATIONS,
+    is_blank_planner_output,
+    normalize_output,
+    normalize_static_output,
+)
 from shared.roles import LLMRole
-from shared.schemas import EndReason, StepJob, TaskStatus
+from shared.schemas import EndReason, StepJob, TaskMode, TaskStatus
 from shared.sglang_client import SGLangClient, SGLangError
 
 __all__ = ["llm_client", "run_llm_step"]
+
+logger = logging.getLogger(__name__)
 
 
 def llm_client(rt: Runtime, role: LLMRole) -> SGLangClient:
@@ -50,23 +63,41 @@ def run_llm_step(
     )
     started = time.monotonic()
     client = llm_client(rt, llm_role)
+    # The static evaluation keeps outputs as GLPFT's infer_pipeline does and never asks again.
+    static = context.task.mode == TaskMode.STATIC_STEP
+    generations = PLANNER_MAX_GENERATIONS if llm_role is LLMRole.PLANNER and not static else 1
+    prompt_tokens = completion_tokens = cached_tokens = attempts = 0
     try:
         request = fit_to_context(client, request, context_length=rt.settings.context_length, deadline=context.deadline)
-        result = client.generate(request, deadline=context.deadline)
+        for generation in range(1, generations + 1):
+            if generation > 1:
+                request = request.model_copy(update={"rid": f"{request.rid}-{generation}"})
+            result = client.generate(request, deadline=context.deadline)
+            prompt_tokens += result.prompt_tokens or 0
+            completion_tokens += result.completion_tokens or 0
+            cached_tokens += result.cached_tokens or 0
+            attempts += getattr(result, "attempts", 1)
+            text = normalize_static_output(result.text) if static else normalize_output(llm_role, result.text)
+            if llm_role is not LLMRole.PLANNER or static or not is_blank_planner_output(text):
+                break
+            logger.info("task %s step %d: blank planner output %r (generation %d of %d)", job.task_id, job.step_index, text, generation, generations)
+        else:
+            text = NONE_OUTPUT  # as the reference, after the last blank generation
     except SGLangError as exc:
         if context.remaining_s <= 0:
             return end_task(job, rt, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded")
         return end_task(
             job, rt, status=TaskStatus.FAILED, reason=EndReason.LLM_ERROR, error=f"{llm_role} LLM failed: {exc}"
         )
-    draft = interpret(result.text, context)
+    draft = interpret(text, context)
     draft = draft.model_copy(
         update={
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "cached_tokens": result.cached_tokens,
+            "raw_output": result.text,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cached_tokens": cached_tokens,
             "latency_s": time.monotonic() - started,
-            "attempts": getattr(result, "attempts", None),
+            "attempts": attempts,
         }
     )
     return store_step(job, draft, rt)

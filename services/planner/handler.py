@@ -18,7 +18,7 @@ def render(context: StepContext) -> str:
 
 
 def interpret_planner_output(generated: str, _context: StepContext | None = None) -> StepDraft:
-    """A planner step; ``Next: give up.`` ends the task as given up."""
+    """A planner step from the normalised output; ``Next: give up.`` ends the task as given up."""
     decision = parse_planner_output(generated)
     draft = StepDraft(role=StepRole.PLANNER, output=decision.text, raw_output=generated, next_role=decision.next)
     if decision.next is NextRole.GIVE_UP:

@@ -29,6 +29,9 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--max-queued-requests", type=int, default=None)
     parser.add_argument("--prefix-cache-tokens", type=int, default=None)
     parser.add_argument("--stream-interval", type=int, default=1)
+    parser.add_argument("--checkpoint-shapes", action="store_true",
+                        help="answer like real checkpoints on SGLang: leading space, trailing newline, "
+                             "an occasional blank planner answer")
     return parser
 
 
@@ -54,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         "max_queued_requests": args.max_queued_requests,
         "prefix_cache_tokens": args.prefix_cache_tokens,
         "stream_interval": args.stream_interval,
+        "checkpoint_shapes": args.checkpoint_shapes,
     }
     return SimulatorConfig.model_validate({key: value for key, value in fields.items() if value is not None})
 

@@ -126,6 +126,10 @@ class SimulatorConfig(BaseModel):
 
     #: Prefix-cache (radix tree) capacity in tokens; 0 disables the cache.
     prefix_cache_tokens: int = Field(default=100_000, ge=0)
+    #: Answer in the shapes real checkpoints on SGLang produce: a leading space (SGLang decodes
+    #: the first output token with the prompt's last ones), a trailing newline, and now and
+    #: then a blank first planner answer (only where the request's constraint allows it).
+    checkpoint_shapes: bool = False
     #: Tokens per streamed chunk (SGLang's ``--stream-interval``).
     stream_interval: int = Field(default=1, ge=1)
 
