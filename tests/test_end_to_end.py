@@ -1,9 +1,11 @@
 """The four services end to end on real RabbitMQ and PostgreSQL, replaying recorded trajectories.
 
 Every single-chain trajectory of raw_data_stage_2.json (one user turn) goes in as
-a task; the SGLang simulator replays the recorded model outputs for the exact
-prompts the services render and the mirror tools replay the recorded
-observations, so the stored trajectory and answer must equal the recording.
+a task; the SGLang simulator replays the shipped GLPFT training pairs
+(``{input, target}``, built by α-UMi's own preprocessing) for the exact prompts the
+services render — a prompt wrong by one byte finds no recording — and the mirror tools
+replay the recorded observations, so the stored trajectory and answer must equal the
+recording.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sqlmodel import Session, func, select
 from shared.db import get_engine
 from shared.models import Step, Task, ToolCall
 from shared.roles import StepRole
-from tests.conftest import TRAJECTORIES, UMI, load_trajectories, single_chain_indices
+from tests.conftest import TRAIN_FILES, TRAJECTORIES, UMI, load_trajectories, single_chain_indices
 from umi.deployment import Deployment
 
 ROLE_BY_SPEAKER = {"assistant": "planner", "caller": "caller", "observation": "tools", "conclusion": "summarizer"}
@@ -29,7 +31,9 @@ ROLE_BY_SPEAKER = {"assistant": "planner", "caller": "caller", "observation": "t
 
 @pytest.fixture(scope="module")
 def deployment(rabbitmq_url: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    system = Deployment(rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("logs"))
+    system = Deployment(
+        rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("logs"), simulator={"data": TRAIN_FILES}
+    )
     try:
         system.start_all_workers()
         yield system
@@ -100,7 +104,8 @@ def test_each_tool_call_ran_once_and_is_recorded(deployment: Deployment) -> None
 def slow_deployment(rabbitmq_url: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """LLM calls take ~1.5 s here, so tests can act while a step is in flight."""
     system = Deployment(
-        rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("slow"), simulator={"ttft_s": 1.5}
+        rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("slow"),
+        simulator={"ttft_s": 1.5, "data": TRAIN_FILES},
     )
     try:
         system.start_all_workers()

@@ -36,7 +36,7 @@ from shared.roles import LLMRole, StepRole
 from shared.schemas import StepJob
 from shared.settings import load_settings
 from shared.sglang_contract import generate_contract_error
-from tests.conftest import TRAJECTORIES, load_trajectories, single_chain_indices
+from tests.conftest import TRAIN_FILES, load_trajectories, single_chain_indices
 from tests.pipeline_helpers import CollectingDispatcher, create_task, run_job, run_to_end, sqlite_settings, stored_steps
 
 
@@ -88,7 +88,7 @@ def test_every_request_forbids_stopping_on_the_first_token() -> None:
 
 @pytest.fixture(scope="module")
 def shaped_simulator() -> Iterator[str]:
-    with ServerThread(create_app(SimulatorConfig(data=[TRAJECTORIES], checkpoint_shapes=True))) as server:
+    with ServerThread(create_app(SimulatorConfig(data=TRAIN_FILES, checkpoint_shapes=True))) as server:
         yield server.url
 
 
