@@ -31,7 +31,14 @@ from shared.roles import LLMRole
 from shared.settings import Settings
 from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient, SGLangRequestError
 
-__all__ = ["build_role_request", "client_for_role", "fit_to_context", "role_constraint"]
+__all__ = [
+    "GRAMMAR_BACKEND_KINDS",
+    "build_role_request",
+    "client_for_role",
+    "fit_to_context",
+    "role_constraint",
+    "server_constraint_kinds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +46,57 @@ logger = logging.getLogger(__name__)
 MIN_CONNECTIONS = 64
 
 
-def role_constraint(role: LLMRole, tools: Sequence[ToolDoc]) -> dict[str, str]:
+#: The constraint kinds each SGLang ``--grammar-backend`` compiles. ``outlines`` has no EBNF
+#: (the caller's grammar would abort every caller request) and ``none`` compiles nothing.
+GRAMMAR_BACKEND_KINDS: dict[str, frozenset[str]] = {
+    "xgrammar": frozenset({"json_schema", "regex", "ebnf", "structural_tag"}),
+    "llguidance": frozenset({"json_schema", "regex", "ebnf", "structural_tag"}),
+    "outlines": frozenset({"json_schema", "regex"}),
+    "none": frozenset(),
+}
+#: SGLang's default backend, assumed where a server does not say (e.g. a router).
+DEFAULT_GRAMMAR_BACKEND = "xgrammar"
+ALL_CONSTRAINT_KINDS = GRAMMAR_BACKEND_KINDS[DEFAULT_GRAMMAR_BACKEND]
+
+
+def server_constraint_kinds(client: SGLangClient, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
+    """The constraint kinds ``role``'s SGLang server can compile, from its ``--grammar-backend``.
+
+    The caller's grammar is EBNF, which only ``xgrammar`` and ``llguidance`` compile; on
+    another backend the caller generates unconstrained (and the planner keeps its regex
+    where the backend has regex), with a warning naming the fix.
+    """
+    backend = client.server_info(deadline=deadline).grammar_backend or DEFAULT_GRAMMAR_BACKEND
+    kinds = GRAMMAR_BACKEND_KINDS.get(backend)
+    if kinds is None:
+        logger.warning("%s SGLang server at %s reports grammar backend %r; assuming it compiles every constraint",
+                       role.value, client.base_url, backend)
+        return ALL_CONSTRAINT_KINDS
+    needed = _ROLE_CONSTRAINT_KIND.get(role)
+    if needed is not None and needed not in kinds:
+        logger.warning(
+            "%s SGLang server at %s runs --grammar-backend %s, which cannot compile the %s's %s constraint: "
+            "%s requests go unconstrained (run SGLang with --grammar-backend xgrammar or llguidance)",
+            role.value, client.base_url, backend, role.value, needed, role.value,
+        )
+    return kinds
+
+
+_ROLE_CONSTRAINT_KIND = {LLMRole.PLANNER: "regex", LLMRole.CALLER: "ebnf"}
+
+
+def role_constraint(
+    role: LLMRole, tools: Sequence[ToolDoc], *, kinds: frozenset[str] = ALL_CONSTRAINT_KINDS
+) -> dict[str, str]:
     """The one grammar parameter for ``role`` (``{}`` for the summarizer).
 
     A caller with no tools cannot satisfy its grammar, so it generates
     unconstrained, as the reference does; the tool executor then rejects the call.
+    A role whose constraint kind is not in ``kinds`` (what its server's grammar
+    backend compiles) generates unconstrained too.
     """
+    if _ROLE_CONSTRAINT_KIND.get(role) not in kinds:
+        return {}
     if role is LLMRole.PLANNER:
         return {"regex": planner_regex()}
     if role is LLMRole.CALLER:
@@ -66,12 +118,14 @@ def build_role_request(
     greedy: bool = False,
     temperature: float | None = None,
     max_new_tokens: int | None = None,
+    constraint_kinds: frozenset[str] = ALL_CONSTRAINT_KINDS,
 ) -> GenerateRequest:
     """The ``/generate`` request for one step of ``role`` on the raw-text ``prompt``.
 
     ``greedy`` sets temperature 0 (deterministic runs, evaluation); otherwise
     the settings' temperature and top_p apply. ``constrained`` adds the role's
-    grammar (at most one per request, as SGLang requires). ``temperature`` and
+    grammar (at most one per request, as SGLang requires) where ``constraint_kinds``
+    (what the server's grammar backend compiles) has its kind. ``temperature`` and
     ``max_new_tokens`` override the settings for one task.
     """
     if temperature is None:
@@ -85,7 +139,7 @@ def build_role_request(
         "min_new_tokens": 1,
     }
     if constrained:
-        params.update(role_constraint(role, tools))
+        params.update(role_constraint(role, tools, kinds=constraint_kinds))
     return GenerateRequest(text=prompt, sampling_params=SamplingParams(**params), rid=rid)
 
 

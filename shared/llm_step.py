@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from shared.llm import build_role_request, client_for_role, fit_to_context
+from shared.llm import ALL_CONSTRAINT_KINDS, build_role_request, client_for_role, fit_to_context, server_constraint_kinds
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
 from shared.prompts import (
     NONE_OUTPUT,
@@ -28,7 +28,7 @@ from shared.roles import LLMRole
 from shared.schemas import EndReason, StepJob, TaskMode, TaskStatus
 from shared.sglang_client import SGLangClient, SGLangError
 
-__all__ = ["llm_client", "run_llm_step"]
+__all__ = ["constraint_kinds", "llm_client", "run_llm_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,24 @@ logger = logging.getLogger(__name__)
 def llm_client(rt: Runtime, role: LLMRole) -> SGLangClient:
     """The (shared, thread-safe) client for ``role``'s SGLang server in this process."""
     return rt.resource(f"llm:{role.value}", lambda: client_for_role(role, rt.settings))
+
+
+def constraint_kinds(rt: Runtime, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
+    """What ``role``'s SGLang server's grammar backend compiles, asked once per process.
+
+    A server that cannot be asked right now (still loading, unreachable) is assumed to run
+    SGLang's default backend; it is asked again next time.
+    """
+    name = f"grammar:{role.value}"
+    known = rt.resources.get(name)
+    if known is not None:
+        return known
+    try:
+        kinds = server_constraint_kinds(llm_client(rt, role), role, deadline=deadline)
+    except SGLangError as exc:
+        logger.info("could not read the %s server's grammar backend (%s); assuming xgrammar", role.value, exc)
+        return ALL_CONSTRAINT_KINDS
+    return rt.resource(name, lambda: kinds)
 
 
 def run_llm_step(
@@ -51,12 +69,15 @@ def run_llm_step(
     if isinstance(context, JobOutcome):
         return context
     prompt = render(context)
+    constrained = context.task.constrained
+    kinds = constraint_kinds(rt, llm_role, deadline=context.deadline) if constrained and llm_role is not LLMRole.SUMMARIZER else ALL_CONSTRAINT_KINDS
     request = build_role_request(
         llm_role,
         prompt,
         tools=context.tools,
         settings=rt.settings,
-        constrained=context.task.constrained,
+        constrained=constrained,
+        constraint_kinds=kinds,
         rid=f"{job.task_id.hex}-{job.step_index}-{uuid.uuid4().hex[:8]}",
         temperature=context.task.temperature,
         max_new_tokens=context.task.max_new_tokens,

@@ -315,6 +315,16 @@ class TokenizeResult(BaseModel):
     max_model_len: int
 
 
+class ServerInfo(BaseModel):
+    """The parts of ``/server_info`` the product reads (the server's resolved arguments)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    #: ``--grammar-backend``: ``xgrammar`` (SGLang's default), ``llguidance``, ``outlines`` or ``none``.
+    grammar_backend: str | None = None
+    version: str | None = None
+
+
 class FinishReason(BaseModel):
     """``meta_info.finish_reason``: why generation ended.
 
@@ -612,6 +622,20 @@ class SGLangClient:
             message = f"model info is not a JSON object: {_snippet(response.text)}"
             raise SGLangProtocolError(response.status_code, message, body, url=str(response.request.url))
         return body
+
+    def server_info(self, *, deadline: float | None = None) -> ServerInfo:
+        """``GET /server_info`` (falling back to ``/get_server_info``, which routers serve too)."""
+        try:
+            response, _ = self._call("GET", "/server_info", deadline=deadline)
+        except SGLangRequestError as exc:
+            if exc.status_code != 404:
+                raise
+            response, _ = self._call("GET", "/get_server_info", deadline=deadline)
+        try:
+            return ServerInfo.model_validate(_decode_body(response))
+        except ValidationError as exc:
+            message = f"unexpected /server_info answer: {_snippet(response.text)}"
+            raise SGLangProtocolError(response.status_code, message, None, url=str(response.request.url)) from exc
 
     def tokenize(self, text: str, *, deadline: float | None = None) -> TokenizeResult:
         """``POST /tokenize``: the prompt's token ids as the server's tokenizer sees them."""

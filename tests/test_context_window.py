@@ -16,8 +16,8 @@ import pytest
 from services.simulator import SimulatorConfig, create_app
 from shared import crud
 from shared.asgi import ServerThread, free_port
-from shared.db import session_scope
 from shared.context_window import PROMPT_OVERHEAD_TOKENS, cut_text_to_tokens, max_prompt_tokens
+from shared.db import session_scope
 from shared.llm import fit_to_context
 from shared.pipeline import JobOutcome, Runtime
 from shared.roles import StepRole

@@ -21,7 +21,7 @@ Usage::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -130,6 +130,9 @@ class SimulatorConfig(BaseModel):
     #: the first output token with the prompt's last ones), a trailing newline, and now and
     #: then a blank first planner answer (only where the request's constraint allows it).
     checkpoint_shapes: bool = False
+    #: The ``--grammar-backend`` the simulated server reports and behaves as: ``outlines`` aborts
+    #: EBNF requests and ``none`` every grammar request, with SGLang's messages.
+    grammar_backend: Literal["xgrammar", "llguidance", "outlines", "none"] = "xgrammar"
     #: Tokens per streamed chunk (SGLang's ``--stream-interval``).
     stream_interval: int = Field(default=1, ge=1)
 

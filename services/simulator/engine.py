@@ -54,6 +54,13 @@ class Answer:
     source: str  # "recorded" | "synthetic"
 
 
+#: SGLang's abort for any grammar request on a server started with ``--grammar-backend none``.
+GRAMMAR_BACKEND_NONE_MESSAGE = (
+    "Grammar-based generation (json_schema, regex, ebnf, structural_tag) is not supported when the server is "
+    "launched with --grammar-backend none"
+)
+
+
 @dataclass
 class PreparedItem:
     """A validated prompt, ready to run."""
@@ -187,11 +194,16 @@ class SimulatorEngine:
                 return text
         return recording.continuation
 
-    @staticmethod
-    def _constraint(params: SamplingParams) -> Constraint | None:
+    def _constraint(self, params: SamplingParams) -> Constraint | None:
         spec = params.constraint
         if spec is None:
             return None
+        backend = self.config.grammar_backend
+        if backend == "none":
+            raise SchedulerAbort(GRAMMAR_BACKEND_NONE_MESSAGE)
+        if backend == "outlines" and spec[0] == "ebnf":
+            # SGLang's outlines backend "skips" EBNF into an invalid grammar, which aborts the request.
+            raise SchedulerAbort("Failed to compile ebnf grammar: Unknown grammar error")
         try:
             return compile_constraint(*spec)
         except ConstraintCompileError as exc:
