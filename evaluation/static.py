@@ -5,7 +5,7 @@ marker) becomes one ``static_step`` task: the recorded history before it is
 given as the task's history, the planner decides, and — by its own decision —
 the caller or the summarizer takes the one step that follows. That is the
 α-UMi static protocol with the training-consistent history (the dispatch turn is
-``assistant:``; one released script writes ``planner:``, see design §2).
+``assistant:``; one released script writes ``planner:``, see docs/evaluation.md).
 
 The tasks go through the configured system: over the broker to the role
 services when ``UMI_BROKER_URL`` is set, else through in-process workers (the
@@ -29,10 +29,11 @@ from sqlmodel import Session, col, select
 from evaluation.metrics import StaticMetrics, format_prediction, is_decision_point, reference_for
 from shared import crud
 from shared.dispatch import Dispatcher
-from shared.models import Task
+from shared.lifecycle import TERMINAL_STATUSES
+from shared.models import Task, TaskMode
 from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
-from shared.schemas import TERMINAL_STATUSES, RecordedTaskCreate, TaskMode
+from shared.schemas import RecordedTaskCreate
 from shared.settings import Settings
 from shared.tasks import submit_task
 

@@ -8,8 +8,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from shared import crud
-from shared.models import Task
-from shared.schemas import TaskMode, TaskStatus
+from shared.lifecycle import TaskStatus
+from shared.models import Task, TaskMode
 
 __all__ = ["stored_trajectories", "task_trajectory"]
 
@@ -32,7 +32,7 @@ def stored_trajectories(engine: Engine) -> list[dict[str, Any]]:
     with Session(engine) as session:
         tasks = session.exec(
             select(Task)
-            .where(col(Task.status).in_([s.value for s in EXPORTED_STATUSES]), Task.mode == TaskMode.AGENT.value)
+            .where(col(Task.status).in_(EXPORTED_STATUSES), Task.mode == TaskMode.AGENT)
             .order_by(col(Task.created_at))
         ).all()
         return [task_trajectory(session, task) for task in tasks]

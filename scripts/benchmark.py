@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.simulator import LatencyProfile  # noqa: E402
 from shared.db import get_engine, upgrade_schema  # noqa: E402
 from shared.example_data import load_trajectories, single_chain_indices  # noqa: E402
+from shared.lifecycle import TERMINAL_STATUSES  # noqa: E402
 from shared.models import Step, Task  # noqa: E402
 from shared.roles import StepRole  # noqa: E402
 from umi.deployment import Deployment  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> int:
                 pending.append(system.submit(record["conversations"][0]["value"], record["tools"]))
                 submitted += 1
             for task_id in list(pending):
-                if system.get(task_id)["status"] in {"succeeded", "gave_up", "failed", "cancelled"}:
+                if system.get(task_id)["status"] in TERMINAL_STATUSES:
                     pending.remove(task_id)
                     done.append(task_id)
             time.sleep(0.01)

@@ -1,7 +1,7 @@
 """Celery apps: one shared configuration, one app per worker role (the Onyx layout).
 
 Reliability settings live here next to the topology they apply to
-(``reference/queues.md`` §1):
+(``docs/architecture.md``, "At-least-once delivery"):
 
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acked only
   after its step is stored; a worker killed mid-step leaves it to be redelivered.

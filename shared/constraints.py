@@ -1,4 +1,4 @@
-"""Constrained-generation grammars for the planner and the caller (design §2).
+"""Constrained-generation grammars for the planner and the caller (docs/architecture.md, "Constrained generation").
 
 SGLang accepts exactly one of ``regex``, ``ebnf``, ``json_schema`` or
 ``structural_tag`` per request. The planner gets a ``regex`` that forces its

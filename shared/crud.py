@@ -10,17 +10,18 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
+from shared import lifecycle
+from shared.lifecycle import ACTIVE_STATUSES, Actor, EndReason
 from shared.models import Step, Task, ToolCall, ToolCallStatus, utcnow
 from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output, parse_planner_output
 from shared.roles import StepRole
-from shared.schemas import TERMINAL_STATUSES, EndReason, StepPublic, TaskCreate, TaskPublic, TaskStatus
+from shared.schemas import StepPublic, TaskCreate, TaskPublic
 
 __all__ = [
     "cancel_task",
     "claim_tool_call",
     "create_task",
     "fail_overdue_tasks",
-    "finish_task",
     "get_step",
     "get_task",
     "list_steps",
@@ -33,18 +34,16 @@ __all__ = [
 def create_task(*, session: Session, task_in: TaskCreate, max_steps: int, timeout_s: float, constrained: bool) -> Task:
     """Insert a queued task, its step 0 (the user's query) and any history it continues from."""
     now = utcnow()
-    task = Task(
-        status=TaskStatus.QUEUED,
-        query=task_in.query,
-        tools=[tool.model_dump() for tool in task_in.tools],
-        max_steps=max_steps,
-        constrained=constrained,
-        mode=task_in.mode,
-        temperature=task_in.temperature,
-        max_new_tokens=task_in.max_new_tokens,
-        deadline_at=now + timedelta(seconds=timeout_s),
-        created_at=now,
-        updated_at=now,
+    task = Task.model_validate(
+        task_in,
+        update={
+            "tools": [tool.model_dump() for tool in task_in.tools],
+            "max_steps": max_steps,
+            "constrained": constrained,
+            "deadline_at": now + timedelta(seconds=timeout_s),
+            "created_at": now,
+            "updated_at": now,
+        },
     )
     session.add(task)
     session.flush()
@@ -92,33 +91,14 @@ def task_tools(task: Task) -> list[ToolDoc]:
 
 def steps_to_turns(steps: list[Step]) -> list[Turn]:
     """The α-UMi conversation of a trajectory."""
-    return [Turn(speaker=Speaker.for_step(StepRole(step.role)), value=step.output) for step in steps]
-
-
-def finish_task(
-    *,
-    task: Task,
-    status: TaskStatus,
-    reason: EndReason,
-    answer: str | None = None,
-    error: str | None = None,
-) -> None:
-    """Move a task to a terminal status with the reason it ended."""
-    assert status in TERMINAL_STATUSES
-    now = utcnow()
-    task.status = status
-    task.end_reason = reason
-    task.answer = answer
-    task.error = error
-    task.updated_at = now
-    task.finished_at = now
+    return [Turn(speaker=Speaker.for_step(step.role), value=step.output) for step in steps]
 
 
 def cancel_task(*, session: Session, task_id: uuid.UUID) -> Task | None:
     """Cancel a task unless it already ended; returns the task (None if unknown)."""
     task = get_task(session=session, task_id=task_id, for_update=True)
-    if task is not None and task.status not in TERMINAL_STATUSES:
-        finish_task(task=task, status=TaskStatus.CANCELLED, reason=EndReason.CANCELLED, error="cancelled by request")
+    if task is not None and not lifecycle.is_terminal(task.status):
+        lifecycle.finish(task, reason=EndReason.CANCELLED, by=Actor.CLIENT, error="cancelled by request")
     return task
 
 
@@ -132,11 +112,11 @@ def fail_overdue_tasks(*, session: Session, grace_s: float) -> list[uuid.UUID]:
     cutoff = utcnow() - timedelta(seconds=grace_s)
     overdue = session.exec(
         select(Task)
-        .where(col(Task.status).in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]), Task.deadline_at < cutoff)
+        .where(col(Task.status).in_(ACTIVE_STATUSES), Task.deadline_at < cutoff)
         .with_for_update(skip_locked=True)
     ).all()
     for task in overdue:
-        finish_task(task=task, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded: no step finished in time")
+        lifecycle.finish(task, reason=EndReason.DEADLINE, by=Actor.SWEEP, error="deadline exceeded: no step finished in time")
     return [task.id for task in overdue]
 
 
@@ -168,30 +148,4 @@ def claim_tool_call(
 
 def task_public(*, task: Task, steps: list[Step]) -> TaskPublic:
     """The API view of a task and its trajectory."""
-    return TaskPublic(
-        id=task.id,
-        status=TaskStatus(task.status),
-        query=task.query,
-        answer=task.answer,
-        error=task.error,
-        end_reason=EndReason(task.end_reason) if task.end_reason else None,
-        max_steps=task.max_steps,
-        deadline_at=task.deadline_at,
-        created_at=task.created_at,
-        updated_at=task.updated_at,
-        steps=[
-            StepPublic(
-                index=step.index,
-                role=StepRole(step.role),
-                output=step.output,
-                next=step.next_role,
-                tool_name=step.tool_name,
-                prompt_tokens=step.prompt_tokens,
-                completion_tokens=step.completion_tokens,
-                cached_tokens=step.cached_tokens,
-                latency_s=step.latency_s,
-                created_at=step.created_at,
-            )
-            for step in steps
-        ],
-    )
+    return TaskPublic.model_validate(task, update={"steps": [StepPublic.model_validate(step) for step in steps]})

@@ -1,4 +1,4 @@
-"""Per-role SGLang requests and clients: the generation settings of design §2 in one place.
+"""Per-role SGLang requests and clients: the α-UMi generation settings in one place.
 
 Every α-UMi role stops at ``</s>``, generates at most ``max_new_tokens`` (512)
 and samples at the configured temperature (0.5, as the published real-API

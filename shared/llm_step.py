@@ -15,7 +15,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+from shared.lifecycle import EndReason
 from shared.llm import ALL_CONSTRAINT_KINDS, build_role_request, client_for_role, fit_to_context, server_constraint_kinds
+from shared.models import TaskMode
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
 from shared.prompts import (
     NONE_OUTPUT,
@@ -25,7 +27,7 @@ from shared.prompts import (
     normalize_static_output,
 )
 from shared.roles import LLMRole
-from shared.schemas import EndReason, StepJob, TaskMode, TaskStatus
+from shared.schemas import StepJob
 from shared.sglang_client import SGLangClient, SGLangError
 
 __all__ = ["constraint_kinds", "llm_client", "run_llm_step"]
@@ -106,10 +108,8 @@ def run_llm_step(
             text = NONE_OUTPUT  # as the reference, after the last blank generation
     except SGLangError as exc:
         if context.remaining_s <= 0:
-            return end_task(job, rt, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded")
-        return end_task(
-            job, rt, status=TaskStatus.FAILED, reason=EndReason.LLM_ERROR, error=f"{llm_role} LLM failed: {exc}"
-        )
+            return end_task(job, rt, reason=EndReason.DEADLINE, error="deadline exceeded")
+        return end_task(job, rt, reason=EndReason.LLM_ERROR, error=f"{llm_role} LLM failed: {exc}")
     draft = interpret(text, context)
     draft = draft.model_copy(
         update={

@@ -1,5 +1,11 @@
 """SQLModel tables: tasks, their steps, and tool calls. The database is the source of truth.
 
+Each concept's fields are declared once, in a base the table, the draft and the
+API schema share (the FastAPI full-stack template's ``XBase`` / ``X(table=True)`` /
+``XPublic``): :class:`StepBase`, :class:`TaskBase`, :class:`TaskGeneration`,
+:class:`TaskState`. Status-like columns are enums stored as their values in
+plain ``VARCHAR`` columns, so rows written before they were enum-typed read the same.
+
 Uniqueness constraints carry the idempotency of the queue handlers: a step is
 ``UNIQUE (task_id, index)`` and a tool call ``UNIQUE (task_id, step_index)``,
 so a redelivered message can never add a second step, tool call or answer.
@@ -9,44 +15,119 @@ Timestamps are timezone-aware UTC (SQLModel's ``UTCDateTime`` column type).
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, ForeignKey, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Enum, ForeignKey, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-__all__ = ["Step", "Task", "ToolCall", "ToolCallStatus", "utcnow"]
+from shared.lifecycle import EndReason, TaskStatus, utcnow
+from shared.prompts import NextRole
+from shared.roles import StepRole
+
+__all__ = [
+    "Step",
+    "StepBase",
+    "StepContent",
+    "Task",
+    "TaskBase",
+    "TaskGeneration",
+    "TaskMode",
+    "TaskState",
+    "ToolCall",
+    "ToolCallStatus",
+    "enum_column",
+    "utcnow",
+]
 
 
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
+def enum_column(enum: type[StrEnum], length: int = 16) -> Enum:
+    """A column type for ``enum`` that stores its *values* in a ``VARCHAR(length)``.
+
+    Writing a string that is not one of the values fails before it reaches the
+    database, with the allowed values in the error.
+    """
+    return Enum(
+        enum, native_enum=False, length=length, validate_strings=True, values_callable=lambda members: [m.value for m in members]
+    )
 
 
-class Task(SQLModel, table=True):
-    """One agent task: a query, its tools, and how it ended."""
+class TaskMode(StrEnum):
+    """How far a task runs."""
 
-    __tablename__ = "umi_task"
+    #: The α-UMi agent loop until an answer, a give-up or a limit.
+    AGENT = "agent"
+    #: One planner decision and the caller or summarizer step it calls for (static evaluation).
+    STATIC_STEP = "static_step"
+
+
+class TaskBase(SQLModel):
+    """The task's query: asked for, stored and shown."""
+
+    query: str = Field(min_length=1, max_length=32_000, sa_type=Text, description="The user's request.")
+
+
+class TaskGeneration(SQLModel):
+    """How a task runs, as the client asks for it and the task stores it (defaults from ``UMI_*``)."""
+
+    mode: TaskMode = Field(
+        default=TaskMode.AGENT,
+        sa_type=enum_column(TaskMode),
+        sa_column_kwargs={"server_default": TaskMode.AGENT.value},
+        description="agent, or static_step for one evaluated decision.",
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature; default UMI_TEMPERATURE.")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=4096, description="Per step; default UMI_MAX_NEW_TOKENS.")
+
+
+class TaskState(TaskBase):
+    """A stored task as the API shows it: where it stands and how it ended."""
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-    status: str = Field(max_length=16, index=True)
-    query: str = Field(sa_column=Column(Text, nullable=False))
-    tools: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
-    answer: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    end_reason: str | None = Field(default=None, max_length=32)
+    status: TaskStatus = Field(default=TaskStatus.QUEUED, sa_type=enum_column(TaskStatus), index=True)
+    answer: str | None = Field(default=None, sa_type=Text)
+    error: str | None = Field(default=None, sa_type=Text)
+    end_reason: EndReason | None = Field(default=None, sa_type=enum_column(EndReason, 32))
     max_steps: int
-    constrained: bool
-    mode: str = Field(default="agent", max_length=16, sa_column_kwargs={"server_default": "agent"})
-    temperature: float | None = None
-    max_new_tokens: int | None = None
     deadline_at: datetime
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Task(TaskState, TaskGeneration, table=True):
+    """One agent task: a query, its tools, and how it ended (status changes: :mod:`shared.lifecycle`)."""
+
+    __tablename__ = "umi_task"
+
+    tools: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    constrained: bool
     finished_at: datetime | None = None
 
 
-class Step(SQLModel, table=True):
+class StepBase(SQLModel):
+    """A step's fields as the API shows them; the table and the draft add what only they hold."""
+
+    role: StepRole = Field(sa_type=enum_column(StepRole))
+    output: str = Field(sa_type=Text)
+    #: Planner steps: who acts next (``caller``, ``conclusion``, ``give up``); the API calls it ``next``.
+    next_role: NextRole | None = Field(default=None, sa_type=enum_column(NextRole), schema_extra={"serialization_alias": "next"})
+    tool_name: str | None = Field(default=None, max_length=256)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    latency_s: float | None = None
+
+
+class StepContent(StepBase):
+    """A step as a handler produces it and the table stores it (not shown by the API)."""
+
+    #: The LLM's text before parsing (planner outputs are cut after their Next marker).
+    raw_output: str | None = Field(default=None, sa_type=Text)
+    attempts: int | None = None
+
+
+class Step(StepContent, table=True):
     """One turn of a task's trajectory (user query, planner, caller, observation, answer)."""
 
     __tablename__ = "umi_step"
@@ -55,22 +136,10 @@ class Step(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     task_id: uuid.UUID = Field(sa_column=Column(ForeignKey("umi_task.id", ondelete="CASCADE"), index=True, nullable=False))
     index: int
-    role: str = Field(max_length=16)
-    output: str = Field(sa_column=Column(Text, nullable=False))
-    #: The LLM's text before parsing (planner outputs are cut after their Next marker).
-    raw_output: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    #: Planner steps: who acts next (``caller``, ``conclusion``, ``give up``).
-    next_role: str | None = Field(default=None, max_length=16)
-    tool_name: str | None = Field(default=None, max_length=256)
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    latency_s: float | None = None
-    attempts: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
-class ToolCallStatus:
+class ToolCallStatus(StrEnum):
     """Values of :attr:`ToolCall.status`."""
 
     RUNNING = "running"
@@ -88,7 +157,7 @@ class ToolCall(SQLModel, table=True):
     step_index: int
     tool_name: str = Field(max_length=256)
     arguments: str = Field(sa_column=Column(Text, nullable=False))
-    status: str = Field(max_length=16)
+    status: ToolCallStatus = Field(sa_type=enum_column(ToolCallStatus))
     attempts: int = 1
     ok: bool | None = None
     backend: str | None = Field(default=None, max_length=32)

@@ -25,18 +25,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar, cast
 
-from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from shared import crud
+from shared import crud, lifecycle
 from shared.db import get_engine, session_scope
 from shared.dispatch import Dispatcher
-from shared.models import Step, Task, utcnow
+from shared.lifecycle import Actor, EndReason, TaskStatus
+from shared.models import Step, StepContent, Task, utcnow
 from shared.prompts import NextRole, ToolDoc
 from shared.roles import StepRole
-from shared.schemas import TERMINAL_STATUSES, EndReason, StepJob, TaskStatus
+from shared.schemas import StepJob
 from shared.settings import Settings
 
 __all__ = [
@@ -118,22 +118,16 @@ class StepContext:
         return self.deadline - time.monotonic()
 
 
-class StepDraft(BaseModel):
-    """A step about to be stored, and how the task ends with it (if it does)."""
+class StepDraft(StepContent):
+    """A step about to be stored, and why the task ends with it (if it does)."""
 
-    role: StepRole
-    output: str
-    raw_output: str | None = None
-    next_role: NextRole | None = None
-    tool_name: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    latency_s: float | None = None
-    attempts: int | None = None
-    end_status: TaskStatus | None = None
     end_reason: EndReason | None = None
     answer: str | None = None
+
+    @property
+    def end_status(self) -> TaskStatus | None:
+        """The status the task ends in with this step (decided by the reason)."""
+        return None if self.end_reason is None else lifecycle.ENDINGS[self.end_reason].status
 
 
 def follow_up_job(step: Step) -> StepJob | None:
@@ -170,7 +164,7 @@ def open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
         task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
         if task is None:
             raise PoisonJob(f"task {job.task_id} does not exist")
-        if task.status in TERMINAL_STATUSES:
+        if lifecycle.is_terminal(task.status):
             return JobOutcome.TASK_ENDED
         existing = crud.get_step(session=session, task_id=job.task_id, index=job.step_index)
         if existing is not None:
@@ -180,9 +174,7 @@ def open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
         ended = _end_if_over_budget(job, task, steps)
         if ended is not None:
             return ended
-        if task.status == TaskStatus.QUEUED:
-            task.status = TaskStatus.RUNNING
-            task.updated_at = utcnow()
+        lifecycle.start(task)
         remaining = (task.deadline_at - utcnow()).total_seconds()
         return StepContext(task=task, tools=crud.task_tools(task), steps=steps, deadline=time.monotonic() + remaining)
 
@@ -208,15 +200,15 @@ def _check_job_fits(job: StepJob, steps: list[Step]) -> None:
 
 def _end_if_over_budget(job: StepJob, task: Task, steps: list[Step]) -> JobOutcome | None:
     if utcnow() >= task.deadline_at:
-        crud.finish_task(task=task, status=TaskStatus.FAILED, reason=EndReason.DEADLINE, error="deadline exceeded")
+        lifecycle.finish(task, reason=EndReason.DEADLINE, by=Actor.worker(job.role), error="deadline exceeded")
         logger.info("task %s: deadline exceeded at step %d", task.id, job.step_index)
         return JobOutcome.TASK_ENDED
     planner_steps = sum(1 for step in steps if step.role == StepRole.PLANNER)
     if job.role is StepRole.PLANNER and planner_steps >= task.max_steps:
-        crud.finish_task(
-            task=task,
-            status=TaskStatus.FAILED,
+        lifecycle.finish(
+            task,
             reason=EndReason.STEP_LIMIT,
+            by=Actor.worker(job.role),
             error=f"step limit reached: {task.max_steps} planner steps without a conclusion",
         )
         logger.info("task %s: step limit %d reached", task.id, task.max_steps)
@@ -228,11 +220,11 @@ def store_step(
     job: StepJob, draft: StepDraft, rt: Runtime, *, also: Callable[[Session], None] | None = None
 ) -> JobOutcome:
     """Insert the step (and the task's end, if any) in one transaction, then publish the follow-up."""
-    step = Step(task_id=job.task_id, index=job.step_index, **draft.model_dump(exclude={"end_status", "end_reason", "answer"}))
+    step = Step.model_validate(draft, update={"task_id": job.task_id, "index": job.step_index})
     try:
         with session_scope(rt.engine) as session:
             task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
-            if task is None or task.status in TERMINAL_STATUSES:
+            if task is None or lifecycle.is_terminal(task.status):
                 # Cancelled (or ended by a deadline) while this step was being produced.
                 if also is not None:
                     also(session)
@@ -240,9 +232,8 @@ def store_step(
             session.add(step)
             if also is not None:
                 also(session)
-            if draft.end_status is not None:
-                assert draft.end_reason is not None
-                crud.finish_task(task=task, status=draft.end_status, reason=draft.end_reason, answer=draft.answer)
+            if draft.end_reason is not None:
+                lifecycle.finish(task, reason=draft.end_reason, by=Actor.worker(job.role), answer=draft.answer)
             else:
                 task.updated_at = utcnow()
             session.flush()
@@ -250,16 +241,16 @@ def store_step(
         logger.info("task %s step %d: another delivery stored it first", job.task_id, job.step_index)
         return JobOutcome.DUPLICATE
     follow_up = follow_up_job(step)
-    if follow_up is not None and draft.end_status is None:
+    if follow_up is not None and draft.end_reason is None:
         rt.dispatcher.dispatch(follow_up)
     return JobOutcome.STORED
 
 
-def end_task(job: StepJob, rt: Runtime, *, status: TaskStatus, reason: EndReason, error: str) -> JobOutcome:
+def end_task(job: StepJob, rt: Runtime, *, reason: EndReason, error: str) -> JobOutcome:
     """End a non-terminal task without storing a step (LLM failure, deadline during a call)."""
     with session_scope(rt.engine) as session:
         task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
-        if task is not None and task.status not in TERMINAL_STATUSES:
-            crud.finish_task(task=task, status=status, reason=reason, error=error)
+        if task is not None and not lifecycle.is_terminal(task.status):
+            lifecycle.finish(task, reason=reason, by=Actor.worker(job.role), error=error)
     logger.warning("task %s ended at step %d (%s): %s", job.task_id, job.step_index, reason, error)
     return JobOutcome.TASK_ENDED

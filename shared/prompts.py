@@ -1,4 +1,4 @@
-"""The α-UMi wire format: prompt rendering and output parsing, byte-exact (design §2).
+"""The α-UMi wire format: prompt rendering and output parsing, byte-exact.
 
 The released checkpoints only work on the exact text they were trained on, typos
 included, so the templates below are the GLPFT training templates verbatim

@@ -2,18 +2,23 @@
 
 * :class:`StepJob` is the body of every message on a role queue.
 * :class:`TaskCreate` / :class:`TaskAccepted` / :class:`TaskPublic` are the
-  gateway's request and response bodies.
+  gateway's request and response bodies. Their fields are declared once, in the
+  bases they share with the tables (:mod:`shared.models`).
+
+The task's statuses and end reasons belong to :mod:`shared.lifecycle`; they are
+re-exported here because the API shows them.
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.lifecycle import TERMINAL_STATUSES, EndReason, TaskStatus
+from shared.models import StepBase, TaskBase, TaskGeneration, TaskMode, TaskState
 from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
 
@@ -31,42 +36,6 @@ __all__ = [
 ]
 
 JOB_SCHEMA_VERSION = 1
-
-
-class TaskStatus(StrEnum):
-    """Lifecycle of a task; the last four are terminal."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    GAVE_UP = "gave_up"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.GAVE_UP, TaskStatus.FAILED, TaskStatus.CANCELLED})
-
-
-class TaskMode(StrEnum):
-    """How far a task runs."""
-
-    #: The α-UMi agent loop until an answer, a give-up or a limit.
-    AGENT = "agent"
-    #: One planner decision and the caller or summarizer step it calls for (static evaluation).
-    STATIC_STEP = "static_step"
-
-
-class EndReason(StrEnum):
-    """Why a task ended, recorded next to its terminal status."""
-
-    ANSWERED = "answered"
-    STEP_EVALUATED = "step_evaluated"
-    PLANNER_GAVE_UP = "planner_gave_up"
-    STEP_LIMIT = "step_limit"
-    DEADLINE = "deadline"
-    CANCELLED = "cancelled"
-    LLM_ERROR = "llm_error"
-    ENQUEUE_ERROR = "enqueue_error"
 
 
 class StepJob(BaseModel):
@@ -91,12 +60,11 @@ class StepJob(BaseModel):
         return value
 
 
-class TaskCreate(BaseModel):
+class TaskCreate(TaskBase, TaskGeneration):
     """``POST /v1/tasks`` body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    query: str = Field(min_length=1, max_length=32_000, description="The user's request.")
     tools: list[ToolDoc] = Field(min_length=1, max_length=64, description="Compact ToolBench docs.")
     max_steps: int | None = Field(default=None, ge=1, le=100, description="Planner steps before the task fails.")
     timeout_s: float | None = Field(default=None, gt=0, le=86_400, description="Deadline, seconds from now.")
@@ -106,9 +74,6 @@ class TaskCreate(BaseModel):
         max_length=200,
         description="Conversation after the query to continue from (α-UMi turns: {from, value}).",
     )
-    mode: TaskMode = Field(default=TaskMode.AGENT, description="agent, or static_step for one evaluated decision.")
-    temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature; default UMI_TEMPERATURE.")
-    max_new_tokens: int | None = Field(default=None, ge=1, le=4096, description="Per step; default UMI_MAX_NEW_TOKENS.")
 
     @field_validator("query")
     @classmethod
@@ -170,32 +135,14 @@ class TaskAccepted(BaseModel):
     status: TaskStatus
 
 
-class StepPublic(BaseModel):
+class StepPublic(StepBase):
     """One step of a task as the API shows it."""
 
     index: int
-    role: StepRole
-    output: str
-    next: str | None = None
-    tool_name: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    latency_s: float | None = None
     created_at: datetime
 
 
-class TaskPublic(BaseModel):
+class TaskPublic(TaskState):
     """``GET /v1/tasks/{id}`` response."""
 
-    id: uuid.UUID
-    status: TaskStatus
-    query: str
-    answer: str | None
-    error: str | None
-    end_reason: EndReason | None
-    max_steps: int
-    deadline_at: datetime
-    created_at: datetime
-    updated_at: datetime
     steps: list[StepPublic]

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=4, ge=0)
     llm_backoff_s: float = Field(default=0.5, ge=0)
 
-    # --- generation (α-UMi defaults, design §2) -----------------------------
+    # --- generation (α-UMi defaults, see shared/llm.py) ----------------------
     temperature: float = Field(default=0.5, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=512, ge=1)

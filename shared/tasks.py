@@ -9,13 +9,14 @@ import logging
 
 from sqlalchemy.engine import Engine
 
-from shared import crud
+from shared import crud, lifecycle
 from shared.context_window import prompt_budget
 from shared.db import session_scope
 from shared.dispatch import Dispatcher
+from shared.lifecycle import Actor, EndReason
 from shared.models import Task
 from shared.roles import StepRole
-from shared.schemas import EndReason, StepJob, TaskCreate, TaskStatus
+from shared.schemas import StepJob, TaskCreate
 from shared.settings import Settings
 
 __all__ = ["EnqueueError", "submit_task"]
@@ -51,9 +52,7 @@ def submit_task(*, engine: Engine, dispatcher: Dispatcher, settings: Settings, t
         logger.exception("task %s: could not enqueue", task.id)
         with session_scope(engine) as session:
             stored = crud.get_task(session=session, task_id=task.id, for_update=True)
-            if stored is not None:
-                crud.finish_task(
-                    task=stored, status=TaskStatus.FAILED, reason=EndReason.ENQUEUE_ERROR, error=f"could not enqueue: {exc}"
-                )
+            if stored is not None and not lifecycle.is_terminal(stored.status):
+                lifecycle.finish(stored, reason=EndReason.ENQUEUE_ERROR, by=Actor.SUBMITTER, error=f"could not enqueue: {exc}")
         raise EnqueueError(f"the broker did not accept the task: {exc}") from exc
     return task

@@ -1,4 +1,4 @@
-"""Shared fixtures. Data paths point into the repo (a fresh clone has no ../shared).
+"""Shared fixtures. Data paths point into the repo, so a fresh clone has everything it needs.
 
 Tests that need RabbitMQ or PostgreSQL use the real servers on this machine
 (``.ci/run`` starts them when they are down) and fail, never skip, when they

@@ -229,7 +229,7 @@ def _record_prompts() -> tuple[list[ToolDoc], dict[LLMRole, str]]:
 
 
 TOOLS, PROMPTS = _record_prompts()
-SETTINGS = Settings(temperature=0.5, top_p=1.0, max_new_tokens=512)  # design §2, whatever UMI_* says
+SETTINGS = Settings(temperature=0.5, top_p=1.0, max_new_tokens=512)  # the α-UMi defaults, whatever UMI_* says
 VARIANTS = [
     (role, constrained, greedy) for role in LLMRole for constrained in (False, True) for greedy in (False, True)
 ]

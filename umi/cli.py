@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from evaluation.metrics import PAPER_TABLE1 as PAPER_ROWS
 from services.simulator.__main__ import add_simulator_arguments, config_from_args
 from shared.db import SchemaOutOfDate
+from shared.lifecycle import TERMINAL_STATUSES, TaskStatus
 from shared.roles import StepRole
 from shared.settings import ConfigurationError, get_settings
 
@@ -241,13 +242,13 @@ def _follow_task(client: httpx.Client, task_id: str) -> int:
             if step["index"] > 0:
                 print(f"[{step['index']}] {step['role']}: {step['output']}", flush=True)
             printed += 1
-        if task["status"] in {"succeeded", "gave_up", "failed", "cancelled"}:
+        if task["status"] in TERMINAL_STATUSES:
             print(f"status: {task['status']}" + (f" ({task['end_reason']})" if task.get("end_reason") else ""))
             if task.get("answer"):
                 print(f"answer: {task['answer']}")
             if task.get("error"):
                 print(f"error: {task['error']}")
-            return 0 if task["status"] == "succeeded" else 1
+            return 0 if task["status"] == TaskStatus.SUCCEEDED else 1
         time.sleep(0.2)
 
 

@@ -24,11 +24,10 @@ from services.simulator import SimulatorConfig
 from services.simulator import create_app as create_simulator
 from shared.asgi import ServerThread
 from shared.example_data import BUNDLED_TRAJECTORIES as TRAJECTORIES
+from shared.lifecycle import TERMINAL_STATUSES
 from shared.roles import LLMRole, StepRole
 from shared.settings import Settings, load_settings
 from shared.topology import QUEUE_ROLES, Topology
-
-TERMINAL = {"succeeded", "gave_up", "failed", "cancelled"}
 
 
 class Deployment:
@@ -131,7 +130,7 @@ class Deployment:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             task = self.get(task_id)
-            if task["status"] in TERMINAL:
+            if task["status"] in TERMINAL_STATUSES:
                 return task
             time.sleep(0.1)
         raise TimeoutError(f"task {task_id} did not finish in {timeout_s}s: {self.get(task_id)}")

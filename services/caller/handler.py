@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from shared.crud import steps_to_turns
+from shared.lifecycle import EndReason
 from shared.llm_step import run_llm_step
+from shared.models import TaskMode
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft
 from shared.prompts import parse_caller_output, render_caller_prompt
 from shared.roles import LLMRole, StepRole
-from shared.schemas import EndReason, StepJob, TaskMode, TaskStatus
+from shared.schemas import StepJob
 
 __all__ = ["handle_caller_job"]
 
@@ -22,11 +24,12 @@ def interpret(generated: str, context: StepContext) -> StepDraft:
 
     In a ``static_step`` task (static evaluation) the caller's step is the last one.
     """
-    draft = StepDraft(role=StepRole.CALLER, output=generated, tool_name=parse_caller_output(generated).action)
-    if context.task.mode == TaskMode.STATIC_STEP:
-        draft.end_status = TaskStatus.SUCCEEDED
-        draft.end_reason = EndReason.STEP_EVALUATED
-    return draft
+    return StepDraft(
+        role=StepRole.CALLER,
+        output=generated,
+        tool_name=parse_caller_output(generated).action,
+        end_reason=EndReason.STEP_EVALUATED if context.task.mode == TaskMode.STATIC_STEP else None,
+    )
 
 
 def handle_caller_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) -> JobOutcome:

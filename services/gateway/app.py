@@ -24,7 +24,7 @@ from shared.celery_app import create_celery_app
 from shared.context_window import PromptDoesNotFit
 from shared.db import ensure_schema_current, get_engine, session_scope
 from shared.dispatch import CeleryDispatcher, Dispatcher
-from shared.schemas import TaskAccepted, TaskCreate, TaskPublic, TaskStatus
+from shared.schemas import TaskAccepted, TaskCreate, TaskPublic
 from shared.settings import Settings, get_settings
 from shared.tasks import EnqueueError, submit_task
 from shared.topology import Topology
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from exc
         except EnqueueError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
-        return TaskAccepted(id=task.id, status=TaskStatus.QUEUED)
+        return TaskAccepted(id=task.id, status=task.status)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskPublic)
     def read_task(task_id: uuid.UUID, request: Request) -> TaskPublic:

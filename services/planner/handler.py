@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from shared.crud import steps_to_turns
+from shared.lifecycle import EndReason
 from shared.llm_step import run_llm_step
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft
 from shared.prompts import NextRole, parse_planner_output, render_planner_prompt
 from shared.roles import LLMRole, StepRole
-from shared.schemas import EndReason, StepJob, TaskStatus
+from shared.schemas import StepJob
 
 __all__ = ["handle_planner_job", "interpret_planner_output"]
 
@@ -20,11 +21,14 @@ def render(context: StepContext) -> str:
 def interpret_planner_output(generated: str, _context: StepContext | None = None) -> StepDraft:
     """A planner step from the normalised output; ``Next: give up.`` ends the task as given up."""
     decision = parse_planner_output(generated)
-    draft = StepDraft(role=StepRole.PLANNER, output=decision.text, raw_output=generated, next_role=decision.next)
-    if decision.next is NextRole.GIVE_UP:
-        draft.end_status = TaskStatus.GAVE_UP
-        draft.end_reason = EndReason.PLANNER_GAVE_UP
-    return draft
+    gave_up = decision.next is NextRole.GIVE_UP
+    return StepDraft(
+        role=StepRole.PLANNER,
+        output=decision.text,
+        raw_output=generated,
+        next_role=decision.next,
+        end_reason=EndReason.PLANNER_GAVE_UP if gave_up else None,
+    )
 
 
 def handle_planner_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) -> JobOutcome:

@@ -1,7 +1,7 @@
 """SGLang's error types and body shapes, as the SGLang **simulator** reproduces them.
 
 Real SGLang answers errors differently depending on the layer that raises them
-(see the handbook's SGLang reference, "Errors"):
+(github.com/sgl-project/sglang, ``python/sglang/srt/entrypoints/http_server.py``):
 
 * body fails FastAPI/pydantic parsing: 400
   ``{"object": "error", "message", "type": "Bad Request", "param": null, "code": 400}``;

@@ -1,6 +1,6 @@
 """The tool executor: validate one α-UMi tool call, route it to a backend, return the observation.
 
-Rules (ToolBench's, design §2/§3):
+Rules (ToolBench's, github.com/OpenBMB/ToolBench):
 
 1. The action must be exactly one of the task's tool Names, otherwise the observation is
    ``{"error": "No such function name: <name>", "response": ""}``.
