@@ -27,6 +27,7 @@ from typing import Any
 from shared.constraints import caller_ebnf, planner_regex
 from shared.context_window import cut_text_to_tokens, max_prompt_tokens, prompt_budget
 from shared.prompts import STOP_SEQUENCE, ToolDoc
+from shared.redaction import install_log_redaction, secrets_redactor
 from shared.roles import LLMRole
 from shared.settings import Settings
 from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient, SGLangRequestError
@@ -144,8 +145,13 @@ def build_role_request(
 
 
 def client_for_role(role: LLMRole, settings: Settings) -> SGLangClient:
-    """A client for ``role``'s SGLang server with the configured timeouts, retries and API key."""
+    """A client for ``role``'s SGLang server with the configured timeouts, retries and API key.
+
+    Every secret of the settings is masked in its errors, and in what httpx logs.
+    """
     api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key is not None else None
+    redactor = secrets_redactor(settings)
+    install_log_redaction(redactor)
     return SGLangClient(
         settings.llm_url(role),
         api_key=api_key,
@@ -153,6 +159,7 @@ def client_for_role(role: LLMRole, settings: Settings) -> SGLangClient:
         max_retries=settings.llm_max_retries,
         backoff_s=settings.llm_backoff_s,
         max_connections=max(MIN_CONNECTIONS, settings.worker_concurrency),
+        redactor=redactor,
     )
 
 

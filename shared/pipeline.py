@@ -35,6 +35,7 @@ from shared.dispatch import Dispatcher
 from shared.lifecycle import Actor, EndReason, TaskStatus
 from shared.models import Step, StepContent, Task, utcnow
 from shared.prompts import NextRole, ToolDoc
+from shared.redaction import bound_text, secrets_redactor
 from shared.roles import StepRole
 from shared.schemas import StepJob
 from shared.settings import Settings
@@ -247,7 +248,12 @@ def store_step(
 
 
 def end_task(job: StepJob, rt: Runtime, *, reason: EndReason, error: str) -> JobOutcome:
-    """End a non-terminal task without storing a step (LLM failure, deadline during a call)."""
+    """End a non-terminal task without storing a step (LLM failure, deadline during a call).
+
+    ``error`` is stored, returned by the API and logged only with every configured secret
+    masked and cut to :data:`~shared.redaction.ERROR_TEXT_LIMIT` characters.
+    """
+    error = bound_text(secrets_redactor(rt.settings)(error))
     with session_scope(rt.engine) as session:
         task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
         if task is not None and not lifecycle.is_terminal(task.status):

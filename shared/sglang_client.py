@@ -1,4 +1,4 @@
-"""A thread-safe HTTP client for SGLang's native ``/generate`` API.
+"""A thread-safe HTTP client for SGLang's native ``/generate`` API (and ``/tokenize``).
 
 One :class:`SGLangClient` talks to one SGLang server (or an SGLang router in
 front of several). A worker process creates one client and shares it between
@@ -14,21 +14,27 @@ and never reach the caller.
 Exception hierarchy::
 
     SGLangError                  anything this client raises about a call (.url, .attempts)
-    ├── SGLangTransportError     no HTTP answer: refused, reset, DNS, broken stream    retried
+    ├── SGLangTransportError     no HTTP answer: refused, reset, DNS                    retried
     │   └── SGLangTimeout        connect/read/write/pool timeout, or the deadline ran out  retried while time is left
-    └── SGLangResponseError      SGLang answered with an error (.status_code, .message, .body)
+    └── SGLangResponseError      SGLang answered with an error (.status_code, .message)
         ├── SGLangRequestError   4xx: the request is wrong or unauthorised (400, 401, 404)  never retried
         ├── SGLangServerError    5xx (503: queue full), or a router's 408/429              retried
-        ├── SGLangAborted        HTTP 200 but finish_reason "abort", or an in-band
-        │                        stream error (e.g. a grammar that fails to compile)      never retried
+        ├── SGLangAborted        HTTP 200 but finish_reason "abort" or an error object
+        │                        (e.g. a grammar that fails to compile)                   never retried
         └── SGLangProtocolError  an answer that is not SGLang's protocol (non-JSON 200)    never retried
 
-Retries use exponential backoff with jitter, at most ``max_retries`` times and
-never past the caller's ``deadline`` (a ``time.monotonic()`` value). A retry
-sends the request id as ``<rid>-retry<n>`` so it cannot collide with the
-abandoned attempt that SGLang may still be aborting ("Duplicate request ID").
-The number of HTTP attempts is recorded on the result and on every exception
-(``.attempts``).
+An error's text is what the server said, with every secret the client knows
+masked (``redactor``; the API key at least) and then cut to
+:data:`~shared.redaction.ERROR_TEXT_LIMIT` characters, when the exception is
+built: a server that echoes the ``Authorization`` header in a megabyte-long
+error body leaks neither the key nor the megabytes into logs, rows or answers.
+
+Retries follow :class:`shared.retry.RetryPolicy` (``stamina``): exponential
+backoff with jitter, at most ``max_retries`` times and never past the caller's
+``deadline`` (a ``time.monotonic()`` value). A retry sends the request id as
+``<rid>-retry<n>`` so it cannot collide with the abandoned attempt that SGLang
+may still be aborting ("Duplicate request ID"). The number of HTTP attempts is
+recorded on the result and on every exception (``.attempts``).
 
 Usage::
 
@@ -45,19 +51,14 @@ Usage::
         except SGLangError as exc:          # SGLang unavailable or overloaded (retries spent)
             ...
         result.text, result.finish_reason, result.completion_tokens, result.cached_tokens, result.attempts
-
-        for chunk in client.stream_generate(request):   # cumulative text, SSE under the hood
-            print(chunk.text)
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -65,6 +66,9 @@ from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.redaction import Redactor, bound_text
+from shared.retry import RetryPolicy
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -94,23 +98,32 @@ GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 #: 4xx statuses that mean "busy, try again" (SGLang router: queue timeout, queue full).
 RETRYABLE_4XX = frozenset({408, 429})
 _MAX_STOP_STRINGS = 32
-_MAX_MESSAGE_CHARS = 500
+#: Masks secrets in error text; the client passes its own (see :class:`SGLangClient`).
+Redact = Callable[[str], str]
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 # --------------------------------------------------------------------------- exceptions
 
 
 class SGLangError(Exception):
-    """Base class of every error this client raises; ``url`` is the endpoint, ``attempts`` the HTTP tries."""
+    """Base class of every error this client raises; ``url`` is the endpoint, ``attempts`` the HTTP tries.
 
-    def __init__(self, message: str, *, url: str, attempts: int = 1) -> None:
-        super().__init__(message)
+    The message is masked with ``redact`` and then bounded, here and only here, so no
+    caller can store, return or log a secret the server echoed or an unbounded body.
+    """
+
+    def __init__(self, message: str, *, url: str, attempts: int = 1, redact: Redact = _unchanged) -> None:
+        super().__init__(bound_text(redact(message)))
         self.url = url
         self.attempts = attempts
 
 
 class SGLangTransportError(SGLangError):
-    """No usable HTTP answer: connection refused or reset, DNS failure, a stream cut short."""
+    """No usable HTTP answer: connection refused or reset, DNS failure."""
 
 
 class SGLangTimeout(SGLangTransportError):
@@ -118,13 +131,14 @@ class SGLangTimeout(SGLangTransportError):
 
 
 class SGLangResponseError(SGLangError):
-    """SGLang answered, with an error. ``message`` is SGLang's own text, ``body`` the parsed body (or raw text)."""
+    """SGLang answered, with an error. ``message`` is SGLang's own text (masked and bounded)."""
 
-    def __init__(self, status_code: int, message: str, body: Any = None, *, url: str, attempts: int = 1) -> None:
-        super().__init__(f"SGLang at {url} answered {status_code}: {message}", url=url, attempts=attempts)
+    def __init__(
+        self, status_code: int, message: str, *, url: str, attempts: int = 1, redact: Redact = _unchanged
+    ) -> None:
+        super().__init__(f"SGLang at {url} answered {status_code}: {message}", url=url, attempts=attempts, redact=redact)
         self.status_code = status_code
-        self.message = message
-        self.body = body
+        self.message = bound_text(redact(message))
 
 
 class SGLangRequestError(SGLangResponseError):
@@ -136,7 +150,7 @@ class SGLangServerError(SGLangResponseError):
 
 
 class SGLangAborted(SGLangResponseError):
-    """SGLang aborted the request: HTTP 200 with finish_reason ``abort``, or an in-band stream error.
+    """SGLang aborted the request: HTTP 200 with finish_reason ``abort``, or an error object.
 
     ``status_code`` is the abort's own status (400 for a grammar that fails to
     compile) when SGLang gives one, else the HTTP status.
@@ -146,13 +160,13 @@ class SGLangAborted(SGLangResponseError):
         self,
         status_code: int,
         message: str,
-        body: Any = None,
         *,
         url: str,
         attempts: int = 1,
+        redact: Redact = _unchanged,
         finish_reason: FinishReason | None = None,
     ) -> None:
-        super().__init__(status_code, message, body, url=url, attempts=attempts)
+        super().__init__(status_code, message, url=url, attempts=attempts, redact=redact)
         self.finish_reason = finish_reason
 
 
@@ -174,18 +188,12 @@ class LLMTimeout:
 
         LLMTimeout()                          # 5 s connect, 120 s read, 30 s write and pool
         LLMTimeout(connect=2.0, read=300.0)   # long generations on a slow GPU
-        LLMTimeout.from_httpx(httpx.Timeout(10.0))
     """
 
     connect: float | None = 5.0
     read: float | None = 120.0
     write: float | None = 30.0
     pool: float | None = 30.0
-
-    @classmethod
-    def from_httpx(cls, timeout: httpx.Timeout) -> LLMTimeout:
-        """The same limits as an ``httpx.Timeout``."""
-        return cls(connect=timeout.connect, read=timeout.read, write=timeout.write, pool=timeout.pool)
 
     def capped(self, remaining: float | None) -> httpx.Timeout:
         """The httpx timeout for one attempt, each limit shrunk to the ``remaining`` seconds."""
@@ -282,7 +290,6 @@ class GenerateRequest(BaseModel):
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     #: Request id, echoed by SGLang as ``meta_info.id``; generated by the server when omitted.
     rid: str | None = Field(default=None, min_length=1)
-    stream: bool = False
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -292,13 +299,13 @@ class GenerateRequest(BaseModel):
             raise ValueError("input_ids cannot be empty")
         return self
 
-    def to_body(self, *, stream: bool | None = None) -> dict[str, Any]:
-        """The JSON body SGLang receives (``stream`` overrides the model's flag)."""
+    def to_body(self) -> dict[str, Any]:
+        """The JSON body SGLang receives (one non-streaming answer)."""
         prompt = {"text": self.text} if self.text is not None else {"input_ids": self.input_ids}
         body: dict[str, Any] = {
             **prompt,
             "sampling_params": self.sampling_params.to_dict(),
-            "stream": self.stream if stream is None else stream,
+            "stream": False,
         }
         if self.rid is not None:
             body["rid"] = self.rid
@@ -344,7 +351,7 @@ class FinishReason(BaseModel):
 
 
 class GenerateResult(BaseModel):
-    """A finished (or, from :meth:`SGLangClient.stream_generate`, partial) generation."""
+    """A finished generation."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -395,19 +402,16 @@ def _decode_body(response: httpx.Response) -> Any:
         return response.text
 
 
-def _snippet(text: str) -> str:
-    text = text.strip()
-    if not text:
-        return "(empty body)"
-    return text if len(text) <= _MAX_MESSAGE_CHARS else text[:_MAX_MESSAGE_CHARS] + "..."
+def _or_empty(text: str) -> str:
+    return text.strip() or "(empty body)"
 
 
 def sglang_error_message(body: Any) -> str | None:
     """SGLang's message from any of its error shapes, or ``None`` when ``body`` is not an error.
 
     Shapes: ``{"error": "<text>"}`` (contract gate, 401), ``{"error": {"message": ...}}``
-    (validation, scheduler aborts, in-band stream errors) and ``{"object": "error",
-    "message": ...}`` (OpenAI style: request parsing, 503 queue full).
+    (validation, scheduler aborts) and ``{"object": "error", "message": ...}`` (OpenAI
+    style: request parsing, 503 queue full).
     """
     if not isinstance(body, Mapping):
         return None
@@ -432,65 +436,50 @@ def _loose_message(body: Any) -> str | None:
     return None
 
 
-def _response_error(response: httpx.Response, url: str) -> SGLangResponseError:
+def _response_error(response: httpx.Response, url: str, redact: Redact) -> SGLangResponseError:
     """The exception for a non-2xx answer."""
     body = _decode_body(response)
-    message = sglang_error_message(body) or _loose_message(body) or _snippet(response.text)
+    message = sglang_error_message(body) or _loose_message(body) or _or_empty(response.text)
     status = response.status_code
     if status >= 500 or status in RETRYABLE_4XX:
-        return SGLangServerError(status, message, body, url=url)
+        return SGLangServerError(status, message, url=url, redact=redact)
     if 400 <= status < 500:
-        return SGLangRequestError(status, message, body, url=url)
-    return SGLangProtocolError(status, message, body, url=url)
+        return SGLangRequestError(status, message, url=url, redact=redact)
+    return SGLangProtocolError(status, message, url=url, redact=redact)
 
 
-def _abort_error(payload: Mapping[str, Any], url: str, http_status: int) -> SGLangAborted | None:
-    """An :class:`SGLangAborted` when a 200 payload is an abort or an in-band error, else ``None``."""
+def _abort_error(payload: Mapping[str, Any], url: str, redact: Redact) -> SGLangAborted | None:
+    """An :class:`SGLangAborted` when a 200 payload is an abort or an error object, else ``None``."""
     message = sglang_error_message(payload)
     if message is not None:
         error = payload.get("error")
         code = error.get("code") if isinstance(error, Mapping) else None
-        return SGLangAborted(code if isinstance(code, int) and code else http_status, message, payload, url=url)
+        return SGLangAborted(code if isinstance(code, int) and code else 200, message, url=url, redact=redact)
     meta = payload.get("meta_info")
     reason = meta.get("finish_reason") if isinstance(meta, Mapping) else None
     if isinstance(reason, Mapping) and reason.get("type") == "abort":
         finish = FinishReason.model_validate(reason)
         return SGLangAborted(
-            finish.status_code or http_status,
-            finish.message or "request aborted",
-            payload,
-            url=url,
-            finish_reason=finish,
+            finish.status_code or 200, finish.message or "request aborted", url=url, redact=redact, finish_reason=finish
         )
     return None
 
 
-def _parse_generate(payload: Any, url: str, *, attempts: int, elapsed_s: float) -> GenerateResult:
+def _parse_generate(payload: Any, url: str, redact: Redact, *, attempts: int, elapsed_s: float) -> GenerateResult:
     """A :class:`GenerateResult` from a 200 body, raising for aborts and malformed bodies."""
     if not isinstance(payload, Mapping):
         kind = "a list (batch answer)" if isinstance(payload, list) else "not a JSON object"
-        raise SGLangProtocolError(200, f"/generate answer is {kind}: {_snippet(str(payload))}", payload, url=url)
-    abort = _abort_error(payload, url, 200)
+        raise SGLangProtocolError(200, f"/generate answer is {kind}: {_or_empty(str(payload))}", url=url, redact=redact)
+    abort = _abort_error(payload, url, redact)
     if abort is not None:
         raise abort
     try:
         return GenerateResult.from_payload(payload, attempts=attempts, elapsed_s=elapsed_s)
     except ValidationError as exc:
-        raise SGLangProtocolError(200, f"malformed /generate answer: {exc}", payload, url=url) from exc
+        raise SGLangProtocolError(200, f"malformed /generate answer: {exc}", url=url, redact=redact) from exc
 
 
-@contextlib.contextmanager
-def _translate_transport(url: str) -> Iterator[None]:
-    """Turn httpx's transport errors into this module's exceptions."""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise SGLangTimeout(f"SGLang at {url}: {type(exc).__name__} ({exc or 'timed out'})", url=url) from exc
-    except httpx.RequestError as exc:
-        raise SGLangTransportError(f"SGLang at {url}: {type(exc).__name__} ({exc})", url=url) from exc
-
-
-def _is_retryable(exc: SGLangError) -> bool:
+def _is_retryable(exc: Exception) -> bool:
     return isinstance(exc, SGLangTransportError | SGLangServerError)
 
 
@@ -511,10 +500,12 @@ class SGLangClient:
 
     * ``base_url`` - e.g. ``http://127.0.0.1:30001`` (no trailing path).
     * ``api_key`` - sent as ``Authorization: Bearer`` (servers started with ``--api-key``).
-    * ``timeout`` - per-attempt :class:`LLMTimeout` (or an ``httpx.Timeout``).
+    * ``timeout`` - per-attempt :class:`LLMTimeout`.
     * ``max_retries`` - retries after the first attempt, on transport errors and 5xx/408/429.
-    * ``backoff_s`` - first backoff; doubles each retry (capped at ``max_backoff_s``), with jitter.
+    * ``backoff_s`` - first backoff; doubles each retry (capped at ``max_backoff_s``), plus jitter.
     * ``max_connections`` - pool size; at least the number of threads that call concurrently.
+    * ``redactor`` - masks secrets in error text (e.g. :func:`shared.redaction.secrets_redactor`);
+      the API key is always masked.
     * ``transport`` - an httpx transport to use instead of the network (tests).
     """
 
@@ -523,23 +514,24 @@ class SGLangClient:
         base_url: str,
         *,
         api_key: str | None = None,
-        timeout: LLMTimeout | httpx.Timeout = DEFAULT_TIMEOUT,
+        timeout: LLMTimeout = DEFAULT_TIMEOUT,
         max_retries: int = 4,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         max_connections: int = 64,
+        redactor: Redactor | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in {"http", "https"} or not parts.netloc:
             raise ValueError(f"SGLang base_url must be http(s)://host:port, got {base_url!r}")
-        if max_retries < 0 or backoff_s < 0 or max_connections < 1:
-            raise ValueError("max_retries and backoff_s must be >= 0 and max_connections >= 1")
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         self.base_url = base_url.rstrip("/")
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.timeout = timeout if isinstance(timeout, LLMTimeout) else LLMTimeout.from_httpx(timeout)
+        self.retry = RetryPolicy(max_retries=max_retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self.timeout = timeout
+        own_key = Redactor([api_key])
+        self._redact: Redact = own_key if redactor is None else (lambda text: own_key(redactor(text)))
         headers = {"Accept": "application/json", "User-Agent": "alpha-umi-queues sglang-client"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -550,101 +542,60 @@ class SGLangClient:
             transport=transport,
         )
 
+    @property
+    def max_retries(self) -> int:
+        return self.retry.max_retries
+
     def __repr__(self) -> str:
         return f"SGLangClient({self.base_url!r}, max_retries={self.max_retries})"
 
     # -- public API ---------------------------------------------------------------
 
     def generate(self, request: GenerateRequest, *, deadline: float | None = None) -> GenerateResult:
-        """Run one non-streaming generation, retrying transient failures.
+        """Run one generation, retrying transient failures.
 
         ``deadline`` is a ``time.monotonic()`` value bounding the whole call,
         retries and backoff included; each attempt's timeouts shrink to the time
         left. Raises an :class:`SGLangError` subclass (with ``.attempts``).
         """
-        if request.stream:
-            raise ValueError("generate() returns one answer; use stream_generate() for a streaming request")
         started = time.monotonic()
-        response, attempts = self._call("POST", "/generate", body=request.to_body(stream=False), deadline=deadline)
+        response, attempts = self._call("/generate", request.to_body(), deadline)
         url = self.base_url + "/generate"
         try:
             return _parse_generate(
-                _decode_body(response), url, attempts=attempts, elapsed_s=time.monotonic() - started
+                _decode_body(response), url, self._redact, attempts=attempts, elapsed_s=time.monotonic() - started
             )
         except SGLangError as exc:
             exc.attempts = attempts
             raise
 
-    def stream_generate(self, request: GenerateRequest, *, deadline: float | None = None) -> Iterator[GenerateResult]:
-        """Yield the generation as it grows (SSE): each chunk carries the cumulative text so far.
-
-        Opening the stream is retried like :meth:`generate`; once chunks flow it is
-        not. The last chunk has ``finish_reason`` set. In-band errors and aborts
-        raise :class:`SGLangAborted`. Closing the iterator early aborts the request
-        on the server.
-        """
-        started = time.monotonic()
-        url = self.base_url + "/generate"
-        response, attempts = self._call(
-            "POST", "/generate", body=request.to_body(stream=True), deadline=deadline, stream=True
-        )
-        try:
-            for payload in self._sse_payloads(response, url, deadline):
-                try:
-                    yield _parse_generate(payload, url, attempts=attempts, elapsed_s=time.monotonic() - started)
-                except SGLangError as exc:
-                    exc.attempts = attempts
-                    raise
-        finally:
-            response.close()
-
-    def health(self, *, timeout_s: float = 5.0) -> bool:
-        """``GET /health``: ``True`` when the server answers 200 (it runs a 1-token generation)."""
-        url = self.base_url + "/health"
-        try:
-            with _translate_transport(url):
-                response = self._http.get(url, timeout=timeout_s)
-        except SGLangError as exc:
-            logger.debug("SGLang health check failed: %s", exc)
-            return False
-        return response.status_code == 200
-
-    def model_info(self, *, deadline: float | None = None) -> dict[str, Any]:
-        """``GET /model_info`` (falling back to the older ``/get_model_info``): model path, name, ..."""
-        try:
-            response, _ = self._call("GET", "/model_info", deadline=deadline)
-        except SGLangRequestError as exc:
-            if exc.status_code != 404:
-                raise
-            response, _ = self._call("GET", "/get_model_info", deadline=deadline)
-        body = _decode_body(response)
-        if not isinstance(body, dict):
-            message = f"model info is not a JSON object: {_snippet(response.text)}"
-            raise SGLangProtocolError(response.status_code, message, body, url=str(response.request.url))
-        return body
-
     def server_info(self, *, deadline: float | None = None) -> ServerInfo:
-        """``GET /server_info`` (falling back to ``/get_server_info``, which routers serve too)."""
+        """``GET /server_info`` (falling back to ``/get_server_info``, which routers serve too); not retried."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        url = self.base_url + "/server_info"
         try:
-            response, _ = self._call("GET", "/server_info", deadline=deadline)
+            response = self._attempt(url, None, remaining, method="GET")
         except SGLangRequestError as exc:
             if exc.status_code != 404:
                 raise
-            response, _ = self._call("GET", "/get_server_info", deadline=deadline)
+            url = self.base_url + "/get_server_info"
+            response = self._attempt(url, None, remaining, method="GET")
         try:
             return ServerInfo.model_validate(_decode_body(response))
         except ValidationError as exc:
-            message = f"unexpected /server_info answer: {_snippet(response.text)}"
-            raise SGLangProtocolError(response.status_code, message, None, url=str(response.request.url)) from exc
+            message = f"unexpected server info: {_or_empty(response.text)}"
+            raise SGLangProtocolError(response.status_code, message, url=url, redact=self._redact) from exc
 
     def tokenize(self, text: str, *, deadline: float | None = None) -> TokenizeResult:
         """``POST /tokenize``: the prompt's token ids as the server's tokenizer sees them."""
-        response, _ = self._call("POST", "/tokenize", body={"prompt": text}, deadline=deadline)
+        response, _ = self._call("/tokenize", {"prompt": text}, deadline)
         try:
             return TokenizeResult.model_validate(_decode_body(response))
         except ValidationError as exc:
-            message = f"unexpected /tokenize answer: {_snippet(response.text)}"
-            raise SGLangProtocolError(response.status_code, message, None, url=str(response.request.url)) from exc
+            message = f"unexpected /tokenize answer: {_or_empty(response.text)}"
+            raise SGLangProtocolError(
+                response.status_code, message, url=self.base_url + "/tokenize", redact=self._redact
+            ) from exc
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -660,89 +611,44 @@ class SGLangClient:
 
     # -- retries --------------------------------------------------------------------
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: dict[str, Any] | None = None,
-        deadline: float | None = None,
-        stream: bool = False,
-    ) -> tuple[httpx.Response, int]:
-        """Send until a 2xx answer, retrying transient failures; returns the response and the attempt count."""
+    def _call(self, path: str, body: dict[str, Any], deadline: float | None) -> tuple[httpx.Response, int]:
+        """POST until a 2xx answer, retrying transient failures; returns the response and the attempt count."""
         url = self.base_url + path
-        attempt = 1
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise SGLangTimeout(f"SGLang at {url}: deadline passed before the call", url=url, attempts=0)
-            try:
-                return self._attempt(method, url, _retry_rid(body, attempt), remaining, stream), attempt
-            except SGLangError as exc:
-                exc.attempts = attempt
-                delay = self._retry_delay(exc, attempt, deadline)
-                if delay is None:
-                    raise
-                logger.warning(
-                    "SGLang %s %s failed (attempt %d of %d): %s; retrying in %.2fs",
-                    method, url, attempt, self.max_retries + 1, exc, delay,
-                )
-                time.sleep(delay)
-                attempt += 1
+        if deadline is not None and deadline <= time.monotonic():
+            raise SGLangTimeout(f"SGLang at {url}: deadline passed before the call", url=url, attempts=0)
 
-    def _retry_delay(self, exc: SGLangError, attempt: int, deadline: float | None) -> float | None:
-        """Seconds to wait before retrying, or ``None`` when the error is final."""
-        if not _is_retryable(exc) or attempt > self.max_retries:
-            return None
-        base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        delay = base * random.uniform(0.5, 1.0)
-        if deadline is not None and time.monotonic() + delay >= deadline:
-            return None
-        return delay
+        def attempt(number: int) -> tuple[httpx.Response, int]:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            try:
+                return self._attempt(url, _retry_rid(body, number), remaining), number
+            except SGLangError as exc:
+                exc.attempts = number
+                raise
+
+        def log_retry(exc: Exception, retry: int, delay: float) -> None:
+            logger.warning(
+                "SGLang POST %s failed (attempt %d of %d): %s; retrying in %.2fs",
+                url, retry, self.max_retries + 1, exc, delay,
+            )  # fmt: skip
+
+        return self.retry.call(attempt, transient=_is_retryable, deadline=deadline, on_retry=log_retry)
 
     def _attempt(
-        self, method: str, url: str, body: dict[str, Any] | None, remaining: float | None, stream: bool
+        self, url: str, body: dict[str, Any] | None, remaining: float | None, *, method: str = "POST"
     ) -> httpx.Response:
         """One HTTP exchange; a non-2xx answer is raised as an :class:`SGLangResponseError`."""
         content = None if body is None else json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
-        headers = None if content is None else {"Content-Type": "application/json"}
-        with _translate_transport(url):
-            request = self._http.build_request(
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        try:
+            response = self._http.request(
                 method, url, content=content, headers=headers, timeout=self.timeout.capped(remaining)
             )
-            response = self._http.send(request, stream=stream)
-            if response.is_success:
-                return response
-            try:
-                response.read()
-            finally:
-                response.close()
-        raise _response_error(response, url)
-
-    # -- streaming ------------------------------------------------------------------
-
-    def _sse_payloads(self, response: httpx.Response, url: str, deadline: float | None) -> Iterator[Any]:
-        """The JSON payloads of an SSE ``/generate`` stream, up to ``data: [DONE]``."""
-        finished = False
-        with _translate_transport(url):
-            for line in response.iter_lines():
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise SGLangTimeout(f"SGLang at {url}: deadline passed while streaming", url=url)
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
-                    return
-                payload = self._sse_json(data, url)
-                meta = payload.get("meta_info") if isinstance(payload, Mapping) else None
-                finished = bool(isinstance(meta, Mapping) and meta.get("finish_reason"))
-                yield payload
-        if not finished:
-            raise SGLangTransportError(f"SGLang at {url}: the stream ended before data: [DONE]", url=url)
-
-    @staticmethod
-    def _sse_json(data: str, url: str) -> Any:
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise SGLangProtocolError(200, f"stream event is not JSON: {_snippet(data)}", data, url=url) from exc
+        except httpx.TimeoutException as exc:
+            message = f"SGLang at {url}: {type(exc).__name__} ({exc or 'timed out'})"
+            raise SGLangTimeout(message, url=url, redact=self._redact) from exc
+        except httpx.RequestError as exc:
+            message = f"SGLang at {url}: {type(exc).__name__} ({exc})"
+            raise SGLangTransportError(message, url=url, redact=self._redact) from exc
+        if response.is_success:
+            return response
+        raise _response_error(response, url, self._redact)

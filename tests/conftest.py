@@ -8,6 +8,7 @@ PostgreSQL database, removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -50,12 +51,12 @@ def rabbitmq_url() -> Iterator[str]:
     _rabbitmqctl("delete_vhost", vhost)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for this test session."""
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str = "umi_test") -> Iterator[str]:
+    """A new, migrated PostgreSQL database (its SQLAlchemy URL), dropped afterwards."""
     from shared.db import get_engine, upgrade_schema
 
-    name = f"umi_test_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     try:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
@@ -67,6 +68,13 @@ def postgres_url() -> Iterator[str]:
     get_engine(url).dispose()
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from tests.conftest import TRAIN_FILES, load_trajectories
 from tests.pipeline_helpers import CollectingDispatcher, create_task, run_to_end, sqlite_settings, stored_steps
 
 
-@pytest.fixture(scope="module", params=["outlines", "none", "llguidance"])
+@pytest.fixture(scope="module", params=["outlines", "none", "llguidance", "xgrammar"])
 def backend_simulator(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     with ServerThread(create_app(SimulatorConfig(data=TRAIN_FILES, grammar_backend=request.param))) as server:
         yield request.param, server.url
@@ -35,7 +35,7 @@ def test_the_simulator_behaves_as_its_grammar_backend(backend_simulator: tuple[s
     backend, url = backend_simulator
     body = {"text": "Q: x caller: ", "sampling_params": {"max_new_tokens": 8, "ebnf": 'root ::= "a"'}}
     answer = httpx.post(f"{url}/generate", json=body, timeout=10)
-    if backend == "llguidance":
+    if backend in ("llguidance", "xgrammar"):
         assert answer.status_code == 200, answer.text
     else:
         assert answer.status_code == 400
@@ -57,7 +57,7 @@ def test_a_constrained_task_runs_on_any_backend_dropping_what_the_server_cannot_
         run_to_end(rt, dispatcher, task_id)
     assert [s.output for s in stored_steps(rt, task_id)] == [t["value"] for t in record["conversations"]]
     warnings = [r.getMessage() for r in caplog.records if "grammar-backend" in r.getMessage()]
-    if backend == "llguidance":
+    if backend in ("llguidance", "xgrammar"):
         assert warnings == []
     else:
         assert any("caller requests go unconstrained" in w and "xgrammar or llguidance" in w for w in warnings), warnings
@@ -65,5 +65,15 @@ def test_a_constrained_task_runs_on_any_backend_dropping_what_the_server_cannot_
 
 
 def test_a_server_that_does_not_report_a_backend_is_taken_as_sglangs_default() -> None:
-    with ServerThread(create_app(SimulatorConfig(data=TRAIN_FILES))) as server, SGLangClient(server.url) as client:
+    """E.g. a router whose ``/get_server_info`` has no ``grammar_backend``: SGLang's default, xgrammar."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    async def bare_info(request: object) -> JSONResponse:
+        return JSONResponse({"version": "0.5.23"})
+
+    front = Starlette(routes=[Route("/server_info", bare_info), Mount("/", app=create_app(SimulatorConfig(data=TRAIN_FILES)))])
+    with ServerThread(front) as server, SGLangClient(server.url) as client:
+        assert client.server_info().grammar_backend is None
         assert server_constraint_kinds(client, LLMRole.CALLER) == GRAMMAR_BACKEND_KINDS["xgrammar"]

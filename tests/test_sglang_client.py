@@ -3,7 +3,7 @@
 The stand-in records every request (raw bytes and headers), checks each body
 against SGLang's own request contract as the real server's gate does, and
 answers from a per-test script of SGLang answers (each error shape, aborts,
-delays, SSE streams).
+delays).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from shared.asgi import ServerThread, free_port
 from shared.constraints import caller_ebnf, planner_regex
@@ -58,13 +58,12 @@ from tests.conftest import load_trajectories
 
 @dataclass
 class Reply:
-    """One scripted answer: a JSON or text body with a status, optionally delayed, or an SSE stream."""
+    """One scripted answer: a JSON or text body with a status, optionally delayed."""
 
     status: int = 200
     body: Any = None
     text: str | None = None
     delay_s: float = 0.0
-    sse: list[str] | None = None
 
 
 @dataclass
@@ -139,9 +138,6 @@ def build_app(state: FakeSGLang) -> FastAPI:
 
     async def answer(reply: Reply) -> Response:
         await asyncio.sleep(reply.delay_s)
-        if reply.sse is not None:
-            chunks = [f"data: {event}\n\n".encode() for event in reply.sse]
-            return StreamingResponse(iter(chunks), media_type="text/event-stream")
         if reply.text is not None:
             return PlainTextResponse(reply.text, status_code=reply.status)
         return JSONResponse(reply.body, status_code=reply.status)
@@ -165,19 +161,6 @@ def build_app(state: FakeSGLang) -> FastAPI:
         finally:
             with state.lock:
                 state.in_flight -= 1
-
-    @app.get("/health")
-    async def health(request: Request) -> Response:
-        await record(request)
-        reply = state.next_reply() or Reply(text="")
-        return await answer(reply)
-
-    @app.get("/model_info")
-    async def model_info(request: Request) -> Response:
-        seen = await record(request)
-        if unauthorised(seen):
-            return JSONResponse({"error": "Unauthorized"}, status_code=401)
-        return JSONResponse({"model_path": "shenwzh3/alpha-umi-planner-7b", "is_generation": True})
 
     return app
 
@@ -408,7 +391,7 @@ def test_503_is_retried_then_succeeds(fake: FakeSGLang, url: str, caplog: pytest
     seen = fake.generate_paths()
     assert len(seen) == 3 and result.attempts == 3
     assert [r.json["rid"] for r in seen] == ["r-503", "r-503-retry1", "r-503-retry2"]
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "shared.sglang_client"]
     assert len(warnings) == 2 and "queue is full" in warnings[0].getMessage()
     assert all(secret_prompt not in r.getMessage() for r in caplog.records)
 
@@ -445,6 +428,16 @@ def test_deadline_stops_retries_early(fake: FakeSGLang, url: str) -> None:
         client.generate(simple_request(), deadline=started + 0.4)
     assert time.monotonic() - started < 0.6
     assert 1 <= info.value.attempts < 51 and info.value.attempts == len(fake.generate_paths())
+
+
+def test_no_backoff_wait_ends_past_the_deadline(fake: FakeSGLang, url: str) -> None:
+    fake.script, fake.repeat_last = [Reply(status=503, body={"object": "error", "message": "busy", "code": 503})], True
+    started = time.monotonic()
+    with make_client(url, max_retries=5, backoff_s=1.0) as client, pytest.raises(SGLangServerError) as info:
+        client.generate(simple_request(), deadline=started + 0.8)
+    # The first wait (1 s or more) would end past the deadline: the 503 is final at once, not after a sleep.
+    assert time.monotonic() - started < 0.8
+    assert info.value.attempts == 1 and len(fake.generate_paths()) == 1
 
 
 def test_deadline_shrinks_the_read_timeout(fake: FakeSGLang, url: str) -> None:
@@ -498,61 +491,3 @@ def test_one_client_keeps_many_requests_in_flight(fake: FakeSGLang, url: str) ->
         for thread in threads:
             thread.join()
     assert len(results) == 16 and fake.max_in_flight >= 8
-
-
-def test_generate_refuses_a_streaming_request(url: str) -> None:
-    request = GenerateRequest(text="x", stream=True)
-    with make_client(url) as client, pytest.raises(ValueError, match="stream_generate"):
-        client.generate(request)
-
-
-# --------------------------------------------------------------------------- health, model info, streaming
-
-
-def test_health(fake: FakeSGLang, url: str) -> None:
-    with make_client(url) as client:
-        assert client.health() is True
-        fake.script = [Reply(status=503, text="starting")]
-        assert client.health() is False
-    with make_client(f"http://127.0.0.1:{free_port()}") as closed:
-        assert closed.health() is False
-
-
-def test_model_info(fake: FakeSGLang, url: str) -> None:
-    with make_client(url) as client:
-        assert client.model_info()["model_path"] == "shenwzh3/alpha-umi-planner-7b"
-
-
-def _chunk(text: str, finish: dict[str, Any] | None) -> str:
-    return json.dumps({"text": text, "output_ids": [], "meta_info": {"id": "s", "finish_reason": finish}})
-
-
-def test_stream_yields_cumulative_chunks(fake: FakeSGLang, url: str) -> None:
-    events = [_chunk("Next", None), _chunk("Next: caller.", {"type": "stop", "matched": "</s>"}), "[DONE]"]
-    fake.script = [Reply(sse=events)]
-    with make_client(url) as client:
-        chunks = list(client.stream_generate(simple_request()))
-    assert [c.text for c in chunks] == ["Next", "Next: caller."]
-    assert chunks[-1].finish_reason is not None and chunks[0].finish_reason is None
-    assert fake.generate_paths()[-1].json["stream"] is True
-
-
-def test_stream_in_band_error_raises_aborted(fake: FakeSGLang, url: str) -> None:
-    error = {"error": {"message": "context too long", "type": "invalid_request_error", "code": 400}}
-    fake.script = [Reply(sse=[_chunk("a", None), json.dumps(error), "[DONE]"])]
-    with make_client(url) as client, pytest.raises(SGLangAborted) as info:
-        list(client.stream_generate(simple_request()))
-    assert info.value.message == "context too long" and info.value.status_code == 400
-
-
-def test_stream_abort_chunk_raises_aborted(fake: FakeSGLang, url: str) -> None:
-    abort = {"type": "abort", "message": "Failed to compile ebnf grammar", "status_code": 400}
-    fake.script = [Reply(sse=[_chunk("", abort), "[DONE]"])]
-    with make_client(url) as client, pytest.raises(SGLangAborted, match="Failed to compile ebnf grammar"):
-        list(client.stream_generate(simple_request()))
-
-
-def test_stream_cut_short_is_a_transport_error(fake: FakeSGLang, url: str) -> None:
-    fake.script = [Reply(sse=[_chunk("a", None)])]
-    with make_client(url) as client, pytest.raises(SGLangTransportError, match=r"\[DONE\]"):
-        list(client.stream_generate(simple_request()))

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from services.simulator import LLAMA2_7B_1GPU, LatencyProfile, PseudoTokenizer, SimulatorConfig, create_app
-from services.simulator.grammar import compile_ebnf
+from services.simulator.constraints import compile_constraint
 from services.simulator.prefix_cache import RadixCache
 from shared.asgi import ServerThread
 from shared.constraints import caller_ebnf, planner_regex
@@ -130,12 +130,12 @@ def test_every_recorded_decision_point_replays_exactly(client: httpx.Client, rol
 
 
 def test_recorded_values_satisfy_the_product_constraints_and_violations_are_rejected() -> None:
-    regex = re.compile(planner_regex())
+    regex = compile_constraint("regex", planner_regex())
     for point in BY_ROLE["planner"]:
-        assert regex.fullmatch(point["value"]), point["value"][-80:]
-        assert not regex.fullmatch(point["value"] + " and more")
+        assert regex.accepts(point["value"]), point["value"][-80:]
+        assert not regex.accepts(point["value"] + " and more")
     for point in BY_ROLE["caller"]:
-        grammar = compile_ebnf(caller_ebnf(point["tools"]))
+        grammar = compile_constraint("ebnf", caller_ebnf(point["tools"]))
         assert grammar.accepts(point["value"]), point["value"]
         assert not grammar.accepts(point["value"] + "}")
         assert not grammar.accepts(point["value"].replace("Action: ", "Action: not_a_listed_tool_", 1))
@@ -206,6 +206,9 @@ def test_synthetic_answers_satisfy_a_constraint_the_default_text_would_not(clien
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     out = generate(client, prompt, max_new_tokens=64, json_schema=json.dumps(schema)).json()
     assert isinstance(json.loads(out["text"])["n"], int)
+    grammar = caller_ebnf([ToolDoc(Name="other_tool", function="")])
+    out = generate(client, prompt, max_new_tokens=64, ebnf=grammar).json()
+    assert out["text"] == "Action: other_tool\nAction Input: {}"
 
 
 # --- stop, max_new_tokens, finish_reason -----------------------------------------------------------
@@ -333,7 +336,9 @@ def test_missing_prompt_empty_ids_and_context_length(client: httpx.Client) -> No
 
 
 @pytest.mark.parametrize(("kind", "source"), [("regex", "(unclosed"), ("ebnf", 'root ::= "a" missing_rule'),
-                                              ("json_schema", "{not json")])
+                                              ("ebnf", "root ::= ::="), ("json_schema", "{not json"),
+                                              ("json_schema", '{"type": "string", "pattern": "a\\u0000"}'),
+                                              ("regex", "a\x00")])
 def test_constraints_that_do_not_compile_are_400s(client: httpx.Client, kind: str, source: str) -> None:
     response = generate(client, "hello", **{kind: source})
     assert response.status_code == 400

@@ -16,16 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stamina
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from pydantic import BaseModel, SecretStr
+from stamina.instrumentation import RetryDetails
 
 from services.tools import (
     EgressRefused,
     HttpBackend,
     MirrorBackend,
     NetworkGuard,
-    RetryableStatus,
     RetryPolicy,
     ToolCatalog,
     ToolErrorKind,
@@ -45,6 +46,7 @@ from services.tools import (
 )
 from shared.asgi import ServerThread
 from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output
+from shared.redaction import ERROR_TEXT_LIMIT
 from shared.settings import Settings
 from tests.conftest import TRAJECTORIES, load_trajectories
 
@@ -63,14 +65,22 @@ def settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
-class SleepRecorder:
-    """Stands in for time.sleep between retries: records the delays, waits for none."""
+class RetryWaits:
+    """Records the wait stamina schedules before each retry (its on-retry instrumentation hook)."""
 
     def __init__(self) -> None:
         self.delays: list[float] = []
 
-    def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
+    def __call__(self, details: RetryDetails) -> None:
+        self.delays.append(details.wait_for)
+
+
+@pytest.fixture
+def waits() -> Iterator[RetryWaits]:
+    recorder = RetryWaits()
+    stamina.instrumentation.set_on_retry_hooks([recorder])
+    yield recorder
+    stamina.instrumentation.set_on_retry_hooks(None)
 
 
 # --------------------------------------------------------------------------- names
@@ -315,6 +325,19 @@ def tool_server_app(state: ToolServerState) -> FastAPI:
         state.hit("down", request)
         return PlainTextResponse("still down", status_code=503)
 
+    @app.get("/throttled")
+    def throttled(request: Request) -> PlainTextResponse:
+        if state.hit("throttled", request) == 1:
+            return PlainTextResponse("slow down", status_code=429, headers={"Retry-After": "0.3"})
+        return PlainTextResponse("thanks for waiting")
+
+    @app.get("/leaky")
+    def leaky(request: Request) -> PlainTextResponse:
+        # A careless API: a 2 MB error page that echoes the caller's key, twice.
+        state.hit("leaky", request)
+        key = request.headers.get("x-rapidapi-key", "")
+        return PlainTextResponse(f"bad key {key}\n" + "x" * 2_000_000 + f"\nbad key {key}", status_code=400)
+
     @app.get("/slow")
     async def slow(request: Request) -> PlainTextResponse:
         state.hit("slow", request)
@@ -362,6 +385,8 @@ def tool_json(base_url: str) -> dict[str, Any]:
             api("Flaky", "/flaky"),
             api("Down", "/down"),
             api("Slow", "/slow"),
+            api("Throttled", "/throttled"),
+            api("Leaky", "/leaky"),
             api("Redirect", "/redirect"),
             api("Who am I", "/whoami", optional=[param("q")]),
         ],
@@ -389,10 +414,10 @@ def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolServer
         yield ToolServer(url=server.url, catalog_dir=catalog_dir, state=state, tools=tools)
 
 
-def http_executor(server: ToolServer, sleep: SleepRecorder | None = None, **overrides: Any) -> ToolExecutor:
+def http_executor(server: ToolServer, **overrides: Any) -> ToolExecutor:
     values: dict[str, Any] = {"tools_http_catalog": server.catalog_dir, "tools_allow_hosts": ["127.0.0.1"]}
     values.update(overrides)
-    return build_executor(settings(**values), registry=ToolRegistry(), backoff_s=0.01, sleep=sleep or SleepRecorder())
+    return build_executor(settings(**values), registry=ToolRegistry(), backoff_s=0.01)
 
 
 def test_catalog_names_use_the_file_base_name(tool_server: ToolServer) -> None:
@@ -451,54 +476,90 @@ def test_http_non_2xx_is_an_error_observation_with_the_status(tool_server: ToolS
     assert redirect.error is not None and "not followed" in redirect.error
 
 
-def test_http_retries_503_with_backoff_then_succeeds(tool_server: ToolServer) -> None:
-    sleep = SleepRecorder()
+def test_http_retries_503_with_backoff_then_succeeds(tool_server: ToolServer, waits: RetryWaits) -> None:
     tool_server.state.hits["flaky"] = 0
-    with http_executor(tool_server, sleep, tools_max_retries=3) as executor:
+    with http_executor(tool_server, tools_max_retries=3) as executor:
         outcome = executor.execute("flaky_for_demo_tool", "{}", tool_server.tools)
     assert outcome.ok and outcome.observation == "recovered" and outcome.attempts == 3
-    assert sleep.delays == [0.01, 0.02]  # exponential backoff
+    # Exponential backoff from UMI_TOOLS_BACKOFF_S (0.01 here), each wait plus a jitter of at most 0.01.
+    assert len(waits.delays) == 2
+    assert 0.01 <= waits.delays[0] <= 0.02 and 0.02 <= waits.delays[1] <= 0.03
     assert tool_server.state.hits["flaky"] == 3
 
 
-def test_http_retries_are_bounded_then_the_status_is_reported(tool_server: ToolServer) -> None:
-    sleep = SleepRecorder()
+def test_http_retries_are_bounded_then_the_status_is_reported(tool_server: ToolServer, waits: RetryWaits) -> None:
     before = tool_server.state.hits["down"]
-    with http_executor(tool_server, sleep, tools_max_retries=2) as executor:
+    with http_executor(tool_server, tools_max_retries=2) as executor:
         outcome = executor.execute("down_for_demo_tool", "{}", tool_server.tools)
     assert outcome.observation == json.dumps({"error": "request invalid, data error. status_code=503", "response": "still down"})
-    assert not outcome.ok and outcome.attempts == 3 and sleep.delays == [0.01, 0.02]
+    assert not outcome.ok and outcome.attempts == 3 and len(waits.delays) == 2
     assert tool_server.state.hits["down"] - before == 3
 
 
-def test_http_timeout_is_a_request_time_out_observation(tool_server: ToolServer) -> None:
-    sleep = SleepRecorder()
+def test_http_429_waits_as_long_as_retry_after_says(tool_server: ToolServer, waits: RetryWaits) -> None:
+    tool_server.state.hits["throttled"] = 0
+    with http_executor(tool_server) as executor:
+        outcome = executor.execute("throttled_for_demo_tool", "{}", tool_server.tools)
+    assert outcome.ok and outcome.observation == "thanks for waiting" and outcome.attempts == 2
+    assert waits.delays == [pytest.approx(0.3, abs=0.02)]  # the server's 0.3 s, not the 0.01 s backoff
+
+
+def test_retries_never_wait_past_the_tasks_deadline(tool_server: ToolServer, waits: RetryWaits) -> None:
+    before = tool_server.state.hits["down"]
     started = time.monotonic()
-    with http_executor(tool_server, sleep, tools_timeout_s=0.2, tools_max_retries=1) as executor:
+    with build_executor(
+        settings(tools_http_catalog=tool_server.catalog_dir, tools_allow_hosts=["127.0.0.1"], tools_max_retries=5),
+        registry=ToolRegistry(),
+        backoff_s=2.0,
+    ) as executor:
+        outcome = executor.execute("down_for_demo_tool", "{}", tool_server.tools, deadline=started + 1.5)
+    # The first wait (2 s or more) would end past the deadline, so the 503 is final at once.
+    assert time.monotonic() - started < 1.5
+    assert not outcome.ok and outcome.attempts == 1 and waits.delays == []
+    assert tool_server.state.hits["down"] - before == 1
+
+
+def test_http_timeout_is_a_request_time_out_observation(tool_server: ToolServer, waits: RetryWaits) -> None:
+    started = time.monotonic()
+    with http_executor(tool_server, tools_timeout_s=0.2, tools_max_retries=1) as executor:
         outcome = executor.execute("slow_for_demo_tool", "{}", tool_server.tools)
     assert outcome.observation == TIMEOUT_OBSERVATION and outcome.error_kind is ToolErrorKind.TIMEOUT
-    assert outcome.attempts == 2 and len(sleep.delays) == 1
+    assert outcome.attempts == 2 and len(waits.delays) == 1
     assert time.monotonic() - started < 0.9
 
 
-def test_retry_policy_backs_off_exponentially_and_honours_retry_after() -> None:
+def test_retry_policy_backs_off_exponentially_with_jitter_and_honours_retry_after() -> None:
     policy = RetryPolicy(max_retries=5, backoff_s=0.5, max_backoff_s=3.0)
-    busy = RetryableStatus(503)
-    assert [policy.delay_s(n, busy) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 3.0]
-    assert policy.delay_s(1, RetryableStatus(429, retry_after_s=2.5)) == 2.5
-    assert policy.delay_s(1, RetryableStatus(429, retry_after_s=60)) == 3.0  # capped
+    for retry, base in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (5, 3.0)):
+        delays = [policy.delay_s(retry) for _ in range(50)]
+        assert all(base <= d <= base + 0.5 for d in delays) and len(set(delays)) > 1
+    assert 2.5 <= policy.delay_s(1, retry_after_s=2.5) <= 3.0
+    assert policy.delay_s(1, retry_after_s=60) <= 3.5  # capped
 
 
-def test_connection_errors_are_retried_then_reported() -> None:
+def test_an_api_error_echoing_the_key_is_masked_and_bounded(
+    tool_server: ToolServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG), http_executor(tool_server, tools_rapidapi_key=SECRET) as executor:
+        outcome = executor.execute("leaky_for_demo_tool", "{}", tool_server.tools)
+    assert tool_server.state.headers["leaky"]["x-rapidapi-key"] == SECRET  # the server did see the key
+    assert not outcome.ok and outcome.error is not None and outcome.attempts == 1
+    assert len(outcome.error) <= ERROR_TEXT_LIMIT and len(outcome.observation) <= 1024 + 3
+    assert "bad key ***" in outcome.observation
+    for text in (outcome.error, outcome.observation, *(r.getMessage() for r in caplog.records)):
+        assert SECRET not in text and "rk-SECRET" not in text
+    assert all(len(r.getMessage()) <= 2 * ERROR_TEXT_LIMIT for r in caplog.records)
+
+
+def test_connection_errors_are_retried_then_reported(waits: RetryWaits) -> None:
     catalog = ToolCatalog()
     with ServerThread(FastAPI()) as gone:
         url = gone.url
     catalog.add_tool(ToolSpec.model_validate({"tool_name": "gone", "api_list": [{"name": "ping", "url": url + "/x"}]}), category="C")
-    sleep = SleepRecorder()
     backend = HttpBackend(catalog, guard=NetworkGuard(["127.0.0.1"]))
-    with ToolExecutor([backend], sleep=sleep) as executor:
+    with ToolExecutor([backend], retry=RetryPolicy(max_retries=2, backoff_s=0.01)) as executor:
         outcome = executor.execute("ping_for_gone", "{}", [doc("ping_for_gone")])
-    assert outcome.error_kind is ToolErrorKind.CONNECTION and outcome.attempts == 3 and len(sleep.delays) == 2
+    assert outcome.error_kind is ToolErrorKind.CONNECTION and outcome.attempts == 3 and len(waits.delays) == 2
     assert json.loads(outcome.observation)["error"].startswith("request failed")
 
 

@@ -5,7 +5,8 @@ sent; then the first planner job is published with a broker confirm. If that
 publish fails the task is marked failed and the client gets a ``503``, so no
 accepted task waits forever for a message that was never sent. A background
 sweep ends tasks that are past their deadline and whose next job will never
-come (e.g. a message the broker dead-lettered after repeated worker crashes).
+come (e.g. a message the broker dead-lettered after repeated worker crashes);
+one replica per deployment runs it (``services/gateway/sweep.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request, status
-from sqlalchemy.engine import Engine
 
+from services.gateway.sweep import DeadlineSweeper
 from shared import crud
 from shared.celery_app import create_celery_app
 from shared.context_window import PromptDoesNotFit
@@ -49,9 +50,12 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             app.state.dispatcher = CeleryDispatcher(celery_app)
         else:
             app.state.dispatcher = dispatcher
-        sweeper = asyncio.create_task(_sweep_overdue_tasks(app.state.engine, settings.sweep_interval_s))
+        app.state.sweeper = DeadlineSweeper(app.state.engine, interval_s=settings.sweep_interval_s)
+        sweeping = asyncio.create_task(app.state.sweeper.run())
         yield
-        sweeper.cancel()
+        sweeping.cancel()
+        await asyncio.gather(sweeping, return_exceptions=True)
+        await asyncio.to_thread(app.state.sweeper.close)
 
     app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan)
 
@@ -94,22 +98,3 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         return {"status": "ok"}
 
     return app
-
-
-async def _sweep_overdue_tasks(engine: Engine, interval_s: float) -> None:
-    """End tasks past their deadline whose next job will never come (see :func:`crud.fail_overdue_tasks`)."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            ended = await asyncio.to_thread(_sweep_once, engine)
-        except Exception:  # the database may be briefly away; try again next round
-            logger.exception("sweeping overdue tasks failed")
-            continue
-        if ended:
-            logger.warning("ended %d task(s) past their deadline: %s", len(ended), ", ".join(map(str, ended)))
-
-
-def _sweep_once(engine: Engine) -> list[uuid.UUID]:
-    with session_scope(engine) as session:
-        # A live handler notices its deadline within its LLM timeout; give it a moment first.
-        return crud.fail_overdue_tasks(session=session, grace_s=5.0)

@@ -30,7 +30,7 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--prefix-cache-tokens", type=int, default=None)
     parser.add_argument("--stream-interval", type=int, default=1)
     parser.add_argument("--grammar-backend", choices=["xgrammar", "llguidance", "outlines", "none"], default=None,
-                        help="the SGLang grammar backend to behave as (default xgrammar)")
+                        help="the SGLang grammar backend to behave as (default llguidance)")
     parser.add_argument("--checkpoint-shapes", action="store_true",
                         help="answer like real checkpoints on SGLang: leading space, trailing newline, "
                              "an occasional blank planner answer")

@@ -130,9 +130,11 @@ class SimulatorConfig(BaseModel):
     #: the first output token with the prompt's last ones), a trailing newline, and now and
     #: then a blank first planner answer (only where the request's constraint allows it).
     checkpoint_shapes: bool = False
-    #: The ``--grammar-backend`` the simulated server reports and behaves as: ``outlines`` aborts
-    #: EBNF requests and ``none`` every grammar request, with SGLang's messages.
-    grammar_backend: Literal["xgrammar", "llguidance", "outlines", "none"] = "xgrammar"
+    #: The ``--grammar-backend`` the simulated server reports and behaves as. Grammars are compiled
+    #: with llguidance (SGLang's ``llguidance`` backend, which accepts what ``xgrammar`` does for the
+    #: product's constraints); ``outlines`` aborts EBNF requests and ``none`` every grammar request,
+    #: with SGLang's messages.
+    grammar_backend: Literal["xgrammar", "llguidance", "outlines", "none"] = "llguidance"
     #: Tokens per streamed chunk (SGLang's ``--stream-interval``).
     stream_interval: int = Field(default=1, ge=1)
 

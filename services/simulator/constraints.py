@@ -1,44 +1,39 @@
 """Structured-output constraints (``regex``, ``ebnf``, ``json_schema``) in the SGLang **simulator**.
 
-A real server compiles the constraint and masks tokens with it; the simulator
-compiles it the same way (a bad one fails with SGLang's ``Failed to compile
-<kind> grammar: <detail>``), then checks replayed text against it and, for
-synthetic answers, asks it for an example it accepts. Compiled constraints are
-cached by source, as SGLang's grammar backend caches them.
+A real server compiles the constraint with its grammar backend and masks tokens with
+it. The simulator compiles it with the same engine, **llguidance**, exactly as SGLang
+does when started with ``--grammar-backend llguidance`` (``sglang/srt/constrained/
+llguidance_backend.py``: ``grammar_from("regex" | "ebnf", …)``, ``LLMatcher.
+grammar_from_json_schema(…, whitespace_flexible)``), so a constraint SGLang refuses is
+refused here with SGLang's ``Failed to compile <kind> grammar: <detail>`` and one it
+accepts is enforced byte for byte. The simulator then checks replayed text against the
+compiled grammar and, for synthetic answers, walks the grammar for a short accepted
+string. Compiled constraints are cached by source, as SGLang's grammar backend caches
+them; each check runs on a copy of the cached matcher, so threads never share state.
+
+The matcher runs over a byte-level vocabulary (one token per byte, plus an end token):
+the simulator has no real tokenizer, and a byte vocabulary accepts exactly the texts a
+grammar allows, whatever a model's tokenizer would have split them into.
 """
 
 from __future__ import annotations
 
 import functools
-import re
-import re._constants as sre_c
-import re._parser as sre_parse
-from typing import Any, Protocol
+import json
+from typing import Any
 
-from services.simulator.grammar import GrammarSyntaxError, compile_ebnf
-from services.simulator.json_schema import JsonSchema, JsonSchemaError
+from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper, grammar_from
 
-__all__ = [
-    "Constraint",
-    "ConstraintCompileError",
-    "RegexConstraint",
-    "compile_constraint",
-    "constraint_accepts",
-    "regex_example",
-]
+__all__ = ["Constraint", "ConstraintCompileError", "compile_constraint", "constraint_accepts"]
 
 #: SGLang's names for the grammar kinds, as used in its error messages.
 KIND_BY_PARAM = {"json_schema": "json", "regex": "regex", "ebnf": "ebnf", "structural_tag": "structural_tag"}
-
-_CANDIDATE_CHARS = "a0 A_x-.,:\n" + "".join(chr(c) for c in range(0x21, 0x7F)) + "é\u00a0"
-_CATEGORY_CHECKS = {
-    sre_c.CATEGORY_DIGIT: str.isdigit,
-    sre_c.CATEGORY_NOT_DIGIT: lambda c: not c.isdigit(),
-    sre_c.CATEGORY_SPACE: str.isspace,
-    sre_c.CATEGORY_NOT_SPACE: lambda c: not c.isspace(),
-    sre_c.CATEGORY_WORD: lambda c: c.isalnum() or c == "_",
-    sre_c.CATEGORY_NOT_WORD: lambda c: not (c.isalnum() or c == "_"),
-}
+#: Longest synthetic example the grammar walk builds (bytes).
+EXAMPLE_LIMIT = 512
+_EOS = 256
+# Bytes a synthetic example prefers, most first: closers end structures soonest, and
+# whitespace comes last (a grammar that allows it almost anywhere would never move on).
+_PREFERRED = [*b'}]")0a', *(b for b in range(0x21, 0x7F) if b not in b'}]")0a'), *b" \n\t"]
 
 
 class ConstraintCompileError(ValueError):
@@ -49,170 +44,110 @@ class ConstraintCompileError(ValueError):
         self.kind = kind
 
 
-class Constraint(Protocol):
-    """What the simulator needs from a compiled constraint."""
+class _ByteVocabulary:
+    """What llguidance's ``TokenizerWrapper`` needs: token *i* is byte *i*, then one end token."""
 
-    kind: str
+    eos_token_id = _EOS
+    bos_token_id = None
+    tokens = [bytes([i]) for i in range(256)] + [b"</s>"]
+    special_token_ids = [_EOS]
 
-    def accepts(self, text: str) -> bool:
-        """Whether the whole ``text`` satisfies the constraint."""
-        ...
-
-    def example(self) -> str | None:
-        """Some text that satisfies the constraint, or None if none was found."""
-        ...
+    def __call__(self, text: bytes | str) -> list[int]:
+        return list(text if isinstance(text, bytes) else text.encode())
 
 
-class RegexConstraint:
-    """``regex``: the output must ``re.fullmatch`` the pattern."""
-
-    kind = "regex"
-
-    def __init__(self, pattern: str) -> None:
-        self.pattern = re.compile(pattern)
-
-    def accepts(self, text: str) -> bool:
-        """Whether ``text`` fully matches the pattern."""
-        return self.pattern.fullmatch(text) is not None
-
-    def example(self) -> str | None:
-        """A short string the pattern fully matches."""
-        text = regex_example(self.pattern.pattern)
-        return text if text is not None and self.accepts(text) else None
+@functools.cache
+def _tokenizer() -> LLTokenizer:
+    return LLTokenizer(TokenizerWrapper(_ByteVocabulary()))
 
 
-class _EbnfConstraint:
-    kind = "ebnf"
+class Constraint:
+    """A compiled constraint: checks whole outputs and finds an example it accepts."""
 
-    def __init__(self, source: str) -> None:
-        self.grammar = compile_ebnf(source)
+    def __init__(self, kind: str, matcher: LLMatcher) -> None:
+        self.kind = kind
+        self._matcher = matcher  # pristine; only copies consume bytes
 
     def accepts(self, text: str) -> bool:
-        return self.grammar.accepts(text)
+        """Whether the whole ``text`` satisfies the constraint (the output may end after it)."""
+        matcher = self._matcher.deep_copy()
+        return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
 
     def example(self) -> str | None:
-        return self.grammar.example()
+        """A short text the constraint accepts, or None when the walk finds none within :data:`EXAMPLE_LIMIT`.
+
+        Forced bytes are taken as they come; otherwise the first allowed byte of a fixed
+        preference (closers first), stopping as soon as the grammar may end.
+        """
+        matcher = self._matcher.deep_copy()
+        out = bytearray()
+        while len(out) < EXAMPLE_LIMIT and not matcher.is_error():
+            if matcher.is_accepting():
+                return out.decode("utf-8", errors="replace")
+            forced = matcher.compute_ff_bytes()
+            if forced:
+                matcher.consume_tokens(list(forced))
+                out += forced
+                continue
+            byte = next((b for b in _PREFERRED if matcher.try_consume_tokens([b]) == 1), None)
+            if byte is None:
+                return None
+            out.append(byte)
+        return None
 
 
-class _JsonConstraint:
-    kind = "json"
+def _serialized_grammar(param: str, source: str) -> str:
+    """The llguidance grammar for the constraint, as SGLang's llguidance backend builds it."""
+    if param == "json_schema":
+        return LLMatcher.grammar_from_json_schema(source, defaults={"whitespace_flexible": True})
+    if param == "regex":
+        return grammar_from("regex", source)
+    if param == "ebnf":
+        return grammar_from("ebnf", source)
+    raise ValueError("structural_tag is not supported by the SGLang simulator")
 
-    def __init__(self, source: str) -> None:
-        self.schema = JsonSchema(source)
 
-    def accepts(self, text: str) -> bool:
-        return self.schema.accepts(text)
-
-    def example(self) -> str | None:
-        return self.schema.example()
+def _contains_nul(param: str, source: str) -> bool:
+    """SGLang refuses a NUL anywhere in a grammar, or in any string of a JSON schema."""
+    if "\x00" in source:
+        return True
+    if param != "json_schema":
+        return False
+    try:
+        stack: list[Any] = [json.loads(source)]
+    except ValueError:
+        return False
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str) and "\x00" in node:
+            return True
+        if isinstance(node, dict):
+            stack.extend([*node.keys(), *node.values()])
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 @functools.lru_cache(maxsize=512)
 def compile_constraint(param: str, source: str) -> Constraint:
     """Compile the constraint named by the sampling parameter ``param`` (``regex``, ``ebnf``, ``json_schema``)."""
     kind = KIND_BY_PARAM[param]
+    if _contains_nul(param, source):
+        raise ConstraintCompileError(kind, f"Invalid {kind}: NUL bytes (\\u0000) are not allowed")
     try:
-        if param == "regex":
-            return RegexConstraint(source)
-        if param == "ebnf":
-            return _EbnfConstraint(source)
-        if param == "json_schema":
-            return _JsonConstraint(source)
-    except re.error as exc:
+        matcher = LLMatcher(_tokenizer(), _serialized_grammar(param, source), log_level=0)
+    except (ValueError, TypeError) as exc:  # SGLang turns any compile failure into this error
         raise ConstraintCompileError(kind, str(exc)) from exc
-    except (GrammarSyntaxError, JsonSchemaError) as exc:
-        raise ConstraintCompileError(kind, str(exc)) from exc
-    raise ConstraintCompileError(kind, "structural_tag is not supported by the SGLang simulator")
+    if matcher.is_error():
+        raise ConstraintCompileError(kind, matcher.get_error())
+    return Constraint(kind, matcher)
 
 
 @functools.lru_cache(maxsize=4096)
 def constraint_accepts(param: str, source: str, text: str) -> bool:
     """Whether ``text`` satisfies the (compiled, cached) constraint; verdicts are cached too.
 
-    Replayed continuations are checked against the same constraints again and
-    again under load, and an Earley parse of a long tool call is not free.
+    Replayed continuations are checked against the same constraints again and again
+    under load.
     """
     return compile_constraint(param, source).accepts(text)
-
-
-# --- regex example -------------------------------------------------------------------
-
-
-def regex_example(pattern: str) -> str | None:
-    """A short string built from the pattern's structure (not guaranteed to match lookarounds)."""
-    try:
-        parsed = sre_parse.parse(pattern)
-    except re.error:
-        return None
-    return _Sampler().sequence(parsed)
-
-
-class _Sampler:
-    def __init__(self) -> None:
-        self.groups: dict[int, str] = {}
-
-    def sequence(self, items: Any) -> str | None:
-        parts = []
-        for op, arg in items:
-            part = self.item(op, arg)
-            if part is None:
-                return None
-            parts.append(part)
-        return "".join(parts)
-
-    def item(self, op: Any, arg: Any) -> str | None:
-        if op is sre_c.LITERAL:
-            return chr(arg)
-        if op is sre_c.NOT_LITERAL:
-            return next(c for c in _CANDIDATE_CHARS if ord(c) != arg)
-        if op is sre_c.ANY:
-            return "a"
-        if op is sre_c.IN:
-            return _class_member(arg)
-        if op is sre_c.BRANCH:
-            options = [text for branch in arg[1] if (text := self.sequence(branch)) is not None]
-            return min(options, key=len) if options else None
-        if op is sre_c.SUBPATTERN:
-            text = self.sequence(arg[-1])
-            if text is not None and arg[0] is not None:
-                self.groups[arg[0]] = text
-            return text
-        if op in (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, sre_c.POSSESSIVE_REPEAT):
-            low, _, body = arg
-            text = self.sequence(body) if low else ""
-            return None if text is None else text * low
-        if op is sre_c.ATOMIC_GROUP:
-            return self.sequence(arg)
-        if op is sre_c.GROUPREF:
-            return self.groups.get(arg, "")
-        if op is sre_c.GROUPREF_EXISTS:
-            group, yes, no = arg
-            return self.sequence(yes if group in self.groups else (no or []))
-        return ""  # AT, ASSERT, ASSERT_NOT: zero width here; the caller re-checks the result
-
-
-def _class_member(items: Any) -> str | None:
-    negated = bool(items) and items[0][0] is sre_c.NEGATE
-    body = items[1:] if negated else items
-    for char in _CANDIDATE_CHARS:
-        if _in_class(char, body) != negated:
-            return char
-    if not negated:
-        for op, arg in body:
-            if op is sre_c.LITERAL:
-                return chr(arg)
-            if op is sre_c.RANGE:
-                return chr(arg[0])
-    return None
-
-
-def _in_class(char: str, items: Any) -> bool:
-    code = ord(char)
-    for op, arg in items:
-        if op is sre_c.LITERAL and code == arg:
-            return True
-        if op is sre_c.RANGE and arg[0] <= code <= arg[1]:
-            return True
-        if op is sre_c.CATEGORY and _CATEGORY_CHECKS.get(arg, lambda _c: False)(char):
-            return True
-    return False

@@ -7,11 +7,13 @@ Rules (ToolBench's, github.com/OpenBMB/ToolBench):
 2. The Action Input must be a JSON object (empty means ``{}``), otherwise
    ``{"error": "Tool input parse error...\\n", "response": ""}``.
 3. The first backend that can serve the Name runs the call, bounded by the timeout.
-   Transient failures (timeouts, connection errors, 5xx, 429) are retried with exponential
-   backoff up to ``max_retries`` times; then, like every other failure, they become an
-   error observation. The task always continues.
+   Transient failures (timeouts, connection errors, 5xx, 429) are retried by the shared
+   :class:`~shared.retry.RetryPolicy` (exponential backoff with jitter, ``Retry-After``
+   honoured, never past the task's deadline) up to ``max_retries`` times; then, like every
+   other failure, they become an error observation. The task always continues.
 4. Configured secrets are masked (``***``) in the observation, the error and every log
-   record; the observation is then truncated to 1024 characters plus ``...``.
+   record; the observation is then truncated to 1024 characters plus ``...`` and the error
+   to :data:`~shared.redaction.ERROR_TEXT_LIMIT`.
 
 Usage::
 
@@ -24,15 +26,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from services.tools.base import ToolBackend
 from services.tools.catalog import ToolCatalog
 from services.tools.errors import (
+    BackendTimeout,
     NoBackendError,
     ToolCallError,
     TransientBackendError,
@@ -45,29 +48,13 @@ from services.tools.netguard import NetworkGuard
 from services.tools.registry import PythonBackend, ToolRegistry, default_registry
 from services.tools.virtual import VirtualBackend
 from shared.prompts import ToolDoc, Turn, truncate_observation
-from shared.redaction import Redactor, install_log_redaction, log_redacted
+from shared.redaction import Redactor, bound_text, install_log_redaction, log_redacted, secrets_redactor
+from shared.retry import RetryPolicy
 from shared.settings import Settings
 
 __all__ = ["RetryPolicy", "ToolExecutor", "build_executor"]
 
 logger = logging.getLogger("services.tools")
-
-
-class RetryPolicy(BaseModel):
-    """Retries of transient failures: ``backoff_s * 2**(n-1)`` before retry n, capped."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_retries: int = Field(default=2, ge=0)
-    backoff_s: float = Field(default=0.5, ge=0)
-    max_backoff_s: float = Field(default=10.0, ge=0)
-
-    def delay_s(self, retry: int, error: TransientBackendError) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based); honours ``Retry-After``."""
-        delay = min(self.backoff_s * 2 ** (retry - 1), self.max_backoff_s)
-        if error.retry_after_s is not None:
-            delay = max(delay, min(error.retry_after_s, self.max_backoff_s))
-        return delay
 
 
 class _Attempts(BaseModel):
@@ -90,7 +77,6 @@ class ToolExecutor:
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
         redactor: Redactor | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -98,7 +84,6 @@ class ToolExecutor:
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
         self._redact = redactor or Redactor()
-        self._sleep = sleep
         install_log_redaction(self._redact)
 
     @property
@@ -110,12 +95,19 @@ class ToolExecutor:
         return next((b for b in self._backends if b.can_serve(tool_name)), None)
 
     def execute(
-        self, action: str, action_input: str, tools: Sequence[ToolDoc], *, history: Sequence[Turn] = ()
+        self,
+        action: str,
+        action_input: str,
+        tools: Sequence[ToolDoc],
+        *,
+        history: Sequence[Turn] = (),
+        deadline: float | None = None,
     ) -> ToolOutcome:
         """Run one call and return its (truncated, redacted) observation; never raises for a bad call.
 
         ``history`` (the task's conversation so far) is optional; the mirror backend uses
-        it to replay repeated identical calls faithfully.
+        it to replay repeated identical calls faithfully. ``deadline`` (``time.monotonic()``)
+        bounds every attempt and every wait between attempts.
         """
         started = time.monotonic()
         try:
@@ -127,32 +119,44 @@ class ToolExecutor:
         except ToolCallError as exc:
             return self._finish(action, None, _Attempts(error=exc, attempts=0), started)
         log_redacted(logger, logging.DEBUG, self._redact, "tool call %s via %s: %s", tool.Name, backend.name, arguments)
-        result = self._call_with_retries(backend, tool, arguments, CallContext(tools=tuple(tools), history=tuple(history)))
+        context = CallContext(tools=tuple(tools), history=tuple(history))
+        result = self._call_with_retries(backend, tool, arguments, context, deadline)
         return self._finish(action, backend.name, result, started)
 
     def _call_with_retries(
-        self, backend: ToolBackend, tool: ToolDoc, arguments: dict[str, Any], context: CallContext
+        self, backend: ToolBackend, tool: ToolDoc, arguments: dict[str, Any], context: CallContext, deadline: float | None
     ) -> _Attempts:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                observation = backend.call(tool, arguments, self._timeout_s, context)
-                return _Attempts(observation=observation, attempts=attempt)
-            except TransientBackendError as exc:
-                if attempt > self._retry.max_retries:
-                    return _Attempts(error=exc, attempts=attempt)
-                delay = self._retry.delay_s(attempt, exc)
-                log_redacted(
-                    logger, logging.WARNING, self._redact, "tool %s via %s: %s; retry %d/%d in %.2fs",
-                    tool.Name, backend.name, exc.describe(), attempt, self._retry.max_retries, delay,
-                )  # fmt: skip
-                self._sleep(delay)
-            except ToolCallError as exc:
-                return _Attempts(error=exc, attempts=attempt)
-            except Exception as exc:  # noqa: BLE001 - a backend bug must not kill the task
-                error = ToolCallError(f"internal error in the {backend.name} backend", detail=_describe(exc))
-                return _Attempts(error=error, attempts=attempt)
+        attempts = 0
+
+        def attempt(number: int) -> str:
+            nonlocal attempts
+            attempts = number
+            timeout_s = self._timeout_s if deadline is None else min(self._timeout_s, deadline - time.monotonic())
+            if timeout_s <= 0:
+                raise BackendTimeout("the task's deadline passed")
+            return backend.call(tool, arguments, timeout_s, context)
+
+        def log_retry(exc: Exception, retry: int, delay: float) -> None:
+            assert isinstance(exc, TransientBackendError)
+            log_redacted(
+                logger, logging.WARNING, self._redact, "tool %s via %s: %s; retry %d/%d in %.2fs",
+                tool.Name, backend.name, bound_text(exc.describe()), retry, self._retry.max_retries, delay,
+            )  # fmt: skip
+
+        try:
+            observation = self._retry.call(
+                attempt,
+                transient=lambda exc: isinstance(exc, TransientBackendError),
+                retry_after_s=lambda exc: getattr(exc, "retry_after_s", None),
+                deadline=deadline,
+                on_retry=log_retry,
+            )
+        except ToolCallError as exc:
+            return _Attempts(error=exc, attempts=attempts)
+        except Exception as exc:  # noqa: BLE001 - a backend bug must not kill the task
+            error = ToolCallError(f"internal error in the {backend.name} backend", detail=_describe(exc))
+            return _Attempts(error=error, attempts=attempts)
+        return _Attempts(observation=observation, attempts=attempts)
 
     def _finish(self, action: str, backend: str | None, result: _Attempts, started: float) -> ToolOutcome:
         error = result.error
@@ -163,7 +167,7 @@ class ToolExecutor:
             observation=observation,
             ok=error is None,
             backend=backend,
-            error=self._redact(error.describe()) if error is not None else None,
+            error=bound_text(self._redact(error.describe())) if error is not None else None,
             error_kind=error.kind if error is not None else None,
             latency_s=time.monotonic() - started,
             attempts=result.attempts,
@@ -213,7 +217,6 @@ def build_executor(
     *,
     registry: ToolRegistry | None = None,
     backoff_s: float | None = None,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> ToolExecutor:
     """The executor the settings describe; backends in order python, mirror, http, virtual.
 
@@ -239,6 +242,5 @@ def build_executor(
             max_retries=settings.tools_max_retries,
             backoff_s=settings.tools_backoff_s if backoff_s is None else backoff_s,
         ),
-        redactor=Redactor([settings.tools_rapidapi_key, settings.tools_virtual_key, settings.llm_api_key]),
-        sleep=sleep,
+        redactor=secrets_redactor(settings),
     )

@@ -58,7 +58,7 @@ def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) ->
 
     # The history lets the mirror tell apart identical calls recorded with different observations.
     outcome = tool_executor(rt).execute(
-        call.action, call.action_input, context.tools, history=crud.steps_to_turns(context.steps)
+        call.action, call.action_input, context.tools, history=crud.steps_to_turns(context.steps), deadline=context.deadline
     )
 
     def complete_tool_call(session: Session) -> None:
