@@ -62,8 +62,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # A lost broker connection means the broker will redeliver; stop the
-        # in-flight copy instead of letting two run in parallel.
+        # A lost broker connection means the broker will redeliver. Under the threads
+        # pool this cannot stop the in-flight copy (no terminate_job: Celery logs
+        # "Failed to cancel active request"); it finishes and stores its step, and the
+        # redelivered copy meets that step or the tool call's live lease
+        # (docs/architecture.md, "Connection loss under the threads pool").
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_consumer": "shared.celery_app:DeadLetteringConsumer",
         "worker_hijack_root_logger": False,

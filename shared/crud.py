@@ -6,8 +6,12 @@ Keyword-only, each takes a session, none commits: the caller owns the transactio
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
+from sqlalchemy import func, tuple_, update
 from sqlmodel import Session, col, select
 
 from shared import lifecycle
@@ -18,13 +22,17 @@ from shared.roles import StepRole
 from shared.schemas import StepPublic, TaskCreate, TaskPublic
 
 __all__ = [
+    "ClaimState",
+    "ToolCallClaim",
     "cancel_task",
     "claim_tool_call",
     "create_task",
+    "database_now",
     "fail_overdue_tasks",
     "get_step",
     "get_task",
     "list_steps",
+    "renew_tool_call_leases",
     "steps_to_turns",
     "task_public",
     "task_tools",
@@ -120,30 +128,97 @@ def fail_overdue_tasks(*, session: Session, grace_s: float) -> list[uuid.UUID]:
     return [task.id for task in overdue]
 
 
-def claim_tool_call(
-    *, session: Session, task_id: uuid.UUID, step_index: int, tool_name: str, arguments: str, takeover: bool, stale_after_s: float
-) -> ToolCall | None:
-    """Claim the right to run the tool call of step ``step_index``; None if someone else holds it.
+class ClaimState(StrEnum):
+    """What :func:`claim_tool_call` found."""
 
-    A fresh claim is inserted. An existing unfinished claim is taken over when
-    ``takeover`` (the message was redelivered: its worker died) or when it is
-    older than ``stale_after_s``; otherwise a live duplicate owns it.
+    #: No claim existed: this owner now holds it and runs the call.
+    ACQUIRED = "acquired"
+    #: The previous owner's lease lapsed (it died): this owner now holds it and runs the call again.
+    TAKEN_OVER = "taken_over"
+    #: A live owner holds it; wait until its step is stored or its lease lapses.
+    HELD = "held"
+    #: The call already ran.
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True)
+class ToolCallClaim:
+    """The claim row and what claiming it found; ``lease_left_s`` is measured on the database's clock."""
+
+    state: ClaimState
+    call: ToolCall
+    lease_left_s: float = 0.0
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether the claiming owner now holds the claim and must run the call."""
+        return self.state in (ClaimState.ACQUIRED, ClaimState.TAKEN_OVER)
+
+
+def database_now(session: Session) -> datetime:
+    """The current time on PostgreSQL's clock (so worker clocks need not agree); this process's for SQLite."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.exec(select(func.statement_timestamp())).one()
+    return utcnow()
+
+
+def claim_tool_call(
+    *, session: Session, task_id: uuid.UUID, step_index: int, tool_name: str, arguments: str, owner: str, lease_s: float
+) -> ToolCallClaim:
+    """Claim the right to run the tool call of step ``step_index`` for ``owner``, under a lease of ``lease_s``.
+
+    A fresh claim is inserted (two racing inserts: the loser gets an ``IntegrityError``).
+    An unfinished claim whose lease lapsed is taken over and counts an attempt; one
+    whose lease is live belongs to a running owner and is left alone, whatever the
+    broker says about redelivery: a live worker that lost its broker connection
+    still finishes its call.
     """
+    now = database_now(session)
+    lease = timedelta(seconds=lease_s)
     existing = session.exec(
         select(ToolCall).where(ToolCall.task_id == task_id, ToolCall.step_index == step_index).with_for_update()
     ).first()
     if existing is None:
-        call = ToolCall(task_id=task_id, step_index=step_index, tool_name=tool_name, arguments=arguments, status=ToolCallStatus.RUNNING)
+        call = ToolCall(
+            task_id=task_id,
+            step_index=step_index,
+            tool_name=tool_name,
+            arguments=arguments,
+            status=ToolCallStatus.RUNNING,
+            owner=owner,
+            lease_expires_at=now + lease,
+            started_at=now,
+        )
         session.add(call)
         session.flush()
-        return call
+        return ToolCallClaim(state=ClaimState.ACQUIRED, call=call)
     if existing.status != ToolCallStatus.RUNNING:
-        return None
-    if takeover or utcnow() - existing.started_at > timedelta(seconds=stale_after_s):
-        existing.attempts += 1
-        existing.started_at = utcnow()
-        return existing
-    return None
+        return ToolCallClaim(state=ClaimState.COMPLETED, call=existing)
+    if existing.lease_expires_at is not None and existing.lease_expires_at > now:
+        return ToolCallClaim(state=ClaimState.HELD, call=existing, lease_left_s=(existing.lease_expires_at - now).total_seconds())
+    existing.attempts += 1
+    existing.owner = owner
+    existing.lease_expires_at = now + lease
+    existing.started_at = now
+    return ToolCallClaim(state=ClaimState.TAKEN_OVER, call=existing)
+
+
+def renew_tool_call_leases(*, session: Session, held: Mapping[int, str], lease_s: float) -> set[int]:
+    """Extend the lease of each claim in ``held`` (claim id → owner) that the owner still holds.
+
+    Returns the ids renewed; a claim missing from it was taken over by another owner.
+    A completed claim is renewed harmlessly (its lease no longer matters).
+    """
+    if not held:
+        return set()
+    expires = database_now(session) + timedelta(seconds=lease_s)
+    statement = (
+        update(ToolCall)
+        .where(tuple_(col(ToolCall.id), col(ToolCall.owner)).in_(list(held.items())))
+        .values(lease_expires_at=expires)
+        .returning(col(ToolCall.id))
+    )
+    return set(session.execute(statement).scalars())
 
 
 def task_public(*, task: Task, steps: list[Step]) -> TaskPublic:

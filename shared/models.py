@@ -147,7 +147,12 @@ class ToolCallStatus(StrEnum):
 
 
 class ToolCall(SQLModel, table=True):
-    """A claimed-then-completed tool execution; claimed before the call so it runs once."""
+    """A claimed-then-completed tool execution; claimed before the call so it runs once.
+
+    A claim is held by an ``owner`` under a lease (``lease_expires_at``) that the owner
+    keeps renewing while the call runs; another copy of the job takes over only a
+    lapsed lease, i.e. an owner that died.
+    """
 
     __tablename__ = "umi_tool_call"
     __table_args__ = (UniqueConstraint("task_id", "step_index", name="uq_umi_tool_call_task_step"),)
@@ -159,6 +164,10 @@ class ToolCall(SQLModel, table=True):
     arguments: str = Field(sa_column=Column(Text, nullable=False))
     status: ToolCallStatus = Field(sa_type=enum_column(ToolCallStatus))
     attempts: int = 1
+    #: Who runs the call now: one id per claiming attempt (see ``services/tools/lease.py``).
+    owner: str | None = Field(default=None, max_length=128)
+    #: The owner renews this while the call runs; only a claim whose lease lapsed may be taken over.
+    lease_expires_at: datetime | None = None
     ok: bool | None = None
     backend: str | None = Field(default=None, max_length=32)
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

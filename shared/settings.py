@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     tools_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     tools_max_retries: int = Field(default=2, ge=0)
     tools_backoff_s: float = Field(default=0.5, ge=0)
+    #: Lease on a running tool call, renewed every third of it; a copy of the job takes
+    #: the call over only once the lease lapsed (its worker died).
+    tools_lease_s: float = Field(default=30.0, gt=0)
 
     # --- gateway ---------------------------------------------------------------
     gateway_url: str = "http://127.0.0.1:8000"

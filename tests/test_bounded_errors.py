@@ -38,7 +38,7 @@ from tests.pipeline_helpers import CollectingDispatcher, create_task, run_job, s
 
 KEY = 'sk-umi-LLM/KEY+"42"'
 PADDING = 2_000_000
-#: Each of SGLang's error shapes (docs/reference/sglang.md, "Errors"), by name: status and body for a message.
+#: Each of SGLang's error shapes (SGLang `srt/entrypoints/http_server.py` and `srt/utils/common.py`, github.com/sgl-project/sglang), by name: status and body for a message.
 SHAPES: dict[str, tuple[int, Any]] = {
     "error-object-400": (400, lambda m: {"error": {"message": m}}),
     "contract-string-400": (400, lambda m: {"error": m}),

@@ -16,7 +16,7 @@ from services.tools.handler import TOOL_EXECUTOR
 from shared import crud
 from shared.asgi import free_port
 from shared.db import session_scope
-from shared.models import ToolCall, ToolCallStatus
+from shared.models import ToolCall, ToolCallStatus, utcnow
 from shared.pipeline import JobOutcome, PoisonJob, Runtime
 from shared.roles import StepRole
 from shared.schemas import StepJob
@@ -56,7 +56,7 @@ def test_a_duplicate_job_stores_nothing_and_resends_only_a_missing_follow_up(tmp
     assert len(stored_steps(rt, task_id)) == 3
 
 
-def test_a_tool_call_runs_once_and_a_redelivery_takes_over_a_dead_claim(tmp_path: Path, simulator_url: str) -> None:
+def test_a_tool_call_runs_once_and_a_copy_takes_over_only_a_lapsed_lease(tmp_path: Path, simulator_url: str) -> None:
     calls: list[dict] = []
     registry = ToolRegistry()
 
@@ -65,7 +65,7 @@ def test_a_tool_call_runs_once_and_a_redelivery_takes_over_a_dead_claim(tmp_path
         calls.append({"email": email})
         return f"checked {email}"
 
-    settings = sqlite_settings(tmp_path, simulator_url)
+    settings = sqlite_settings(tmp_path, simulator_url, tools_lease_s=0.6)
     dispatcher = CollectingDispatcher()
     rt = Runtime(settings=settings, dispatcher=dispatcher, resources={TOOL_EXECUTOR: build_executor(settings, registry=registry)})
     task_id = create_task(rt, load_trajectories()[14])
@@ -73,18 +73,21 @@ def test_a_tool_call_runs_once_and_a_redelivery_takes_over_a_dead_claim(tmp_path
         run_job(rt, job)
     tools_job = StepJob(task_id=task_id, step_index=3, role=StepRole.TOOLS)
 
-    # A worker claimed the call and died before finishing it.
+    # A worker claimed the call and died before finishing it: nobody renews its 1 s lease.
     with session_scope(rt.engine) as session:
-        crud.claim_tool_call(session=session, task_id=task_id, step_index=3, tool_name="x", arguments="{}", takeover=False, stale_after_s=600)
-    assert run_job(rt, tools_job) is JobOutcome.DUPLICATE  # a fresh claim belongs to a live worker
-    assert calls == []
-    assert run_job(rt, tools_job, redelivered=True) is JobOutcome.STORED  # the broker redelivered: take over
+        dead = crud.claim_tool_call(session=session, task_id=task_id, step_index=3, tool_name="x", arguments="{}", owner="dead", lease_s=1.0)
+        expires = dead.call.lease_expires_at
+    # The redelivered copy waits in place for the lease to lapse, then takes the call over.
+    assert run_job(rt, tools_job, redelivered=True) is JobOutcome.STORED
+    assert expires is not None and utcnow() >= expires
     assert run_job(rt, tools_job, redelivered=True) is JobOutcome.REPUBLISHED
     assert calls == [{"email": "john.doe@example.com"}]
     with Session(rt.engine) as session:
         (call,) = session.exec(select(ToolCall).where(ToolCall.task_id == task_id)).all()
     assert (call.status, call.attempts, call.ok, call.backend) == (ToolCallStatus.COMPLETED, 2, True, "python")
+    assert call.owner not in (None, "dead")
     assert stored_steps(rt, task_id)[-1].output == "checked john.doe@example.com"
+    rt.close()
 
 
 def test_an_unreachable_llm_fails_the_task_with_the_error_recorded(tmp_path: Path) -> None:

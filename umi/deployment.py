@@ -70,12 +70,14 @@ class Deployment:
         )
         self.topology = Topology(self.settings)
         self.workers: dict[StepRole, subprocess.Popen[bytes]] = {}
+        #: Every worker process started, all stopped by :meth:`close` (``workers`` keeps the last per role).
+        self.processes: list[subprocess.Popen[bytes]] = []
         self.gateway = ServerThread(create_gateway(self.settings)).start()
         self.http = httpx.Client(base_url=self.gateway.url, timeout=30)
 
     # --- workers -------------------------------------------------------------
-    def start_worker(self, role: StepRole, *, concurrency: int = 4) -> subprocess.Popen[bytes]:
-        """Start ``umi worker <role>`` and wait until it consumes its queue."""
+    def start_worker(self, role: StepRole, *, concurrency: int = 4, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Start ``umi worker <role>`` and wait until it consumes its queue (unless ``wait`` is false)."""
         log = open(self.log_dir / f"worker-{role.value}-{len(os.listdir(self.log_dir))}.log", "wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "umi", "worker", role.value, "--concurrency", str(concurrency), "--loglevel", "INFO"],
@@ -84,7 +86,9 @@ class Deployment:
             stderr=subprocess.STDOUT,
         )
         self.workers[role] = process
-        self.wait_for_consumers(role, at_least=1, process=process)
+        self.processes.append(process)
+        if wait:
+            self.wait_for_consumers(role, at_least=1, process=process)
         return process
 
     def start_all_workers(self) -> None:
@@ -136,9 +140,10 @@ class Deployment:
         raise TimeoutError(f"task {task_id} did not finish in {timeout_s}s: {self.get(task_id)}")
 
     def close(self) -> None:
-        for process in self.workers.values():
-            process.send_signal(signal.SIGTERM)
-        for process in self.workers.values():
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
             try:
                 process.wait(15)
             except subprocess.TimeoutExpired:

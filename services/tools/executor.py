@@ -102,12 +102,14 @@ class ToolExecutor:
         *,
         history: Sequence[Turn] = (),
         deadline: float | None = None,
+        idempotency_key: str | None = None,
     ) -> ToolOutcome:
         """Run one call and return its (truncated, redacted) observation; never raises for a bad call.
 
         ``history`` (the task's conversation so far) is optional; the mirror backend uses
         it to replay repeated identical calls faithfully. ``deadline`` (``time.monotonic()``)
         bounds every attempt and every wait between attempts.
+        ``idempotency_key`` is sent by the HTTP backends with every attempt of the call.
         """
         started = time.monotonic()
         try:
@@ -119,7 +121,7 @@ class ToolExecutor:
         except ToolCallError as exc:
             return self._finish(action, None, _Attempts(error=exc, attempts=0), started)
         log_redacted(logger, logging.DEBUG, self._redact, "tool call %s via %s: %s", tool.Name, backend.name, arguments)
-        context = CallContext(tools=tuple(tools), history=tuple(history))
+        context = CallContext(tools=tuple(tools), history=tuple(history), idempotency_key=idempotency_key)
         result = self._call_with_retries(backend, tool, arguments, context, deadline)
         return self._finish(action, backend.name, result, started)
 

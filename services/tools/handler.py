@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from services.tools.executor import ToolExecutor, build_executor
+from services.tools.lease import LeaseKeeper, new_owner_id
+from services.tools.models import idempotency_key
 from shared import crud
 from shared.db import session_scope
 from shared.models import ToolCall, ToolCallStatus, utcnow
-from shared.pipeline import JobOutcome, Runtime, StepDraft, open_step, store_step
-from shared.prompts import parse_caller_output
+from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, open_step, store_step
+from shared.prompts import CallerAction, parse_caller_output
 from shared.roles import StepRole
 from shared.schemas import StepJob
 
-__all__ = ["TOOL_EXECUTOR", "handle_tools_job", "tool_executor"]
+__all__ = ["LEASE_KEEPER", "TOOL_EXECUTOR", "handle_tools_job", "lease_keeper", "tool_executor"]
+
+logger = logging.getLogger(__name__)
 
 #: The name of this worker's tool executor among the runtime's resources.
 TOOL_EXECUTOR = "tool_executor"
+#: The name of this worker's lease keeper among the runtime's resources.
+LEASE_KEEPER = "tool_call_lease_keeper"
 
 
 def tool_executor(rt: Runtime) -> ToolExecutor:
@@ -25,40 +34,70 @@ def tool_executor(rt: Runtime) -> ToolExecutor:
     return rt.resource(TOOL_EXECUTOR, lambda: build_executor(rt.settings))
 
 
+def lease_keeper(rt: Runtime) -> LeaseKeeper:
+    """This process's lease keeper (one renewal thread for all its running calls)."""
+    return rt.resource(LEASE_KEEPER, lambda: LeaseKeeper(rt.engine, lease_s=rt.settings.tools_lease_s))
+
+
 def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) -> JobOutcome:
     """Produce observation step ``job.step_index`` from the caller step before it.
 
-    The call is claimed in the database before it runs, so a duplicate message
-    never runs it twice; a redelivered message (its worker died mid-call) takes
-    the claim over.
+    The call is claimed in the database before it runs, under a lease its owner keeps
+    renewing, so it runs once while its worker lives. A copy of the job that finds a
+    live lease waits in place (no requeue, so the queue's delivery limit is not spent)
+    until the step is stored — then it is a duplicate and re-sends a missing follow-up —
+    or the lease lapses because the owner died; then it takes the call over.
+    ``redelivered`` is deliberately not trusted: the broker also redelivers the messages
+    of a live worker that only lost its connection.
     """
-    context = open_step(job, rt)
-    if isinstance(context, JobOutcome):
-        return context
-    call = parse_caller_output(context.steps[-1].output)
-    settings = rt.settings
-    # Longer than any live attempt can take (calls, backoff waits), so only dead claims look stale.
-    retries = settings.tools_max_retries + 1
-    stale_after_s = settings.tools_timeout_s * retries + settings.tools_backoff_s * 2**retries + 30
-    try:
-        with session_scope(rt.engine) as session:
-            claim = crud.claim_tool_call(
-                session=session,
-                task_id=job.task_id,
-                step_index=job.step_index,
-                tool_name=call.action,
-                arguments=call.action_input,
-                takeover=redelivered,
-                stale_after_s=stale_after_s,
-            )
-    except IntegrityError:
-        claim = None
-    if claim is None:
-        return JobOutcome.DUPLICATE
+    keeper = lease_keeper(rt)
+    owner = new_owner_id()
+    waited = False
+    while True:
+        context = open_step(job, rt)
+        if isinstance(context, JobOutcome):
+            return context
+        call = parse_caller_output(context.steps[-1].output)
+        try:
+            with session_scope(rt.engine) as session:
+                claim = crud.claim_tool_call(
+                    session=session,
+                    task_id=job.task_id,
+                    step_index=job.step_index,
+                    tool_name=call.action,
+                    arguments=call.action_input,
+                    owner=owner,
+                    lease_s=keeper.lease_s,
+                )
+        except IntegrityError:
+            continue  # another copy inserted the claim first: look at it
+        if claim.runs_here:
+            break
+        if claim.state is crud.ClaimState.COMPLETED:
+            return JobOutcome.DUPLICATE  # (open_step normally sees its step or the task's end first)
+        logger.log(
+            logging.DEBUG if waited else logging.INFO,
+            "task %s step %d: tool call held by a live worker (lease %.1fs left); waiting for its step or the lease to lapse",
+            job.task_id, job.step_index, claim.lease_left_s,
+        )  # fmt: skip
+        waited = True
+        time.sleep(min(keeper.interval_s, claim.lease_left_s + 0.05, max(context.remaining_s, 0.0) + 0.05))
 
+    if claim.state is crud.ClaimState.TAKEN_OVER:
+        logger.warning("task %s step %d: took over a tool call whose owner's lease lapsed", job.task_id, job.step_index)
+    with keeper.hold(claim.call):
+        return _run_and_store(job, rt, context, call, owner)
+
+
+def _run_and_store(job: StepJob, rt: Runtime, context: StepContext, call: CallerAction, owner: str) -> JobOutcome:
     # The history lets the mirror tell apart identical calls recorded with different observations.
     outcome = tool_executor(rt).execute(
-        call.action, call.action_input, context.tools, history=crud.steps_to_turns(context.steps), deadline=context.deadline
+        call.action,
+        call.action_input,
+        context.tools,
+        history=crud.steps_to_turns(context.steps),
+        idempotency_key=idempotency_key(job.task_id, job.step_index),
+        deadline=context.deadline,
     )
 
     def complete_tool_call(session: Session) -> None:
@@ -66,6 +105,7 @@ def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) ->
             select(ToolCall).where(ToolCall.task_id == job.task_id, ToolCall.step_index == job.step_index)
         ).one()
         row.status = ToolCallStatus.COMPLETED
+        row.owner = owner  # who produced the stored outcome, even if its lease had lapsed meanwhile
         row.ok = outcome.ok
         row.backend = outcome.backend
         row.error = outcome.error
@@ -73,4 +113,5 @@ def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) ->
         row.finished_at = utcnow()
 
     draft = StepDraft(role=StepRole.TOOLS, output=outcome.observation, tool_name=call.action, latency_s=outcome.latency_s)
+    # A task cancelled (or past its deadline) meanwhile: store_step completes the claim, stores no step, sends nothing.
     return store_step(job, draft, rt, also=complete_tool_call)

@@ -3,7 +3,8 @@
 The call is built as ToolBench's generated ``api.py`` builds it: arguments go to the
 declared parameters (a model may spell ``id`` as ``is_id``; both are accepted and the raw
 name is sent), GET sends them as query parameters and other methods as a JSON body, and
-RapidAPI's ``X-RapidAPI-Key`` / ``X-RapidAPI-Host`` headers are added. ``{name}``
+RapidAPI's ``X-RapidAPI-Key`` / ``X-RapidAPI-Host`` headers are added, and the call's
+``Idempotency-Key`` when it has one (the same for every retry and takeover). ``{name}``
 placeholders in the URL path are filled from the arguments. The observation is the
 response body text. Missing required or undeclared arguments are refused before sending.
 
@@ -154,7 +155,7 @@ class HttpBackend(ToolBackend):
             prepared.url,
             params=prepared.params,
             json_body=prepared.json_body,
-            headers=self._headers(prepared.url),
+            headers=self._headers(prepared.url) | (context.idempotency_headers if context is not None else {}),
             timeout_s=timeout_s,
         )
         raise_for_status(reply)

@@ -9,6 +9,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.tools.errors import ToolErrorKind, ToolInputError
 from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output
 
-__all__ = ["CallContext", "ToolOutcome", "canonical_arguments", "parse_action_input"]
+__all__ = ["IDEMPOTENCY_KEY_HEADER", "CallContext", "ToolOutcome", "canonical_arguments", "idempotency_key", "parse_action_input"]
+
+#: The HTTP header that carries :func:`idempotency_key` (IETF draft-ietf-httpapi-idempotency-key-header).
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 
 class ToolOutcome(BaseModel):
@@ -41,16 +45,23 @@ class ToolOutcome(BaseModel):
 
 
 class CallContext(BaseModel):
-    """The task a call belongs to: its tools and the conversation so far.
+    """The task a call belongs to: its tools, the conversation so far, and the call's idempotency key.
 
-    Only the mirror backend uses it (to replay the n-th identical call of a trajectory
-    with the n-th recorded observation); other backends ignore it.
+    The mirror backend uses the history (to replay the n-th identical call of a trajectory
+    with the n-th recorded observation); the HTTP and /virtual backends send the key as
+    the ``Idempotency-Key`` header.
     """
 
     model_config = ConfigDict(frozen=True)
 
     tools: tuple[ToolDoc, ...] = ()
     history: tuple[Turn, ...] = ()
+    idempotency_key: str | None = None
+
+    @property
+    def idempotency_headers(self) -> dict[str, str]:
+        """``{"Idempotency-Key": key}``, or nothing when the call has no key."""
+        return {IDEMPOTENCY_KEY_HEADER: self.idempotency_key} if self.idempotency_key else {}
 
     @property
     def instruction(self) -> str | None:
@@ -79,6 +90,16 @@ class CallContext(BaseModel):
     def prior_calls(self, name: str, arguments_key: str) -> int:
         """How many identical calls already got an observation in this history."""
         return sum(1 for call in self.completed_calls() if call == (name, arguments_key))
+
+
+def idempotency_key(task_id: uuid.UUID, step_index: int) -> str:
+    """The idempotency key of a task's tool call: the same for its every retry and takeover.
+
+    A UUID derived from the task and the step, so an API that honours ``Idempotency-Key``
+    runs the call once even when a dead worker's call is taken over, and the task id
+    itself is not disclosed to the API.
+    """
+    return str(uuid.uuid5(task_id, f"tool-call/{step_index}"))
 
 
 def parse_action_input(text: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Request (StableToolBench ``server/main.py``, model ``Info``): ``POST <url>`` with header
 ``toolbench_key`` and JSON ``{"category", "tool_name", "api_name", "tool_input", "strip",
-"toolbench_key"}``; reply ``{"error": str, "response": str | object}``. With an empty
+"toolbench_key"}`` (plus the call's ``Idempotency-Key`` header, for servers or proxies that
+honour it); reply ``{"error": str, "response": str | object}``. With an empty
 ``error`` the observation is the response (JSON-encoded when it is not a string); otherwise
 it is ToolBench's ``{"error": ..., "response": ...}`` observation.
 
@@ -105,7 +106,7 @@ class VirtualBackend(ToolBackend):
             "POST",
             self._url,
             json_body=body.model_dump(),
-            headers={"toolbench_key": key},
+            headers={"toolbench_key": key} | (context.idempotency_headers if context is not None else {}),
             timeout_s=timeout_s,
         )
         raise_for_status(reply)
