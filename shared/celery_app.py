@@ -10,8 +10,9 @@ Reliability settings live here next to the topology they apply to
 * ``confirm_publish``: a publish returns only once the broker has the message.
 * ``task_create_missing_queues = False``: only the topology in
   :mod:`shared.topology` exists.
-* Malformed messages (undecodable, unknown task, bad job) go to the dead-letter
-  queue with a reason instead of being acked away (:class:`DeadLetteringConsumer`).
+* Malformed messages (any shape :mod:`shared.envelope` refuses, undecodable,
+  unknown task, bad job) go to the dead-letter queue whole, with a reason, instead
+  of being acked away or crashing the worker (:class:`DeadLetteringConsumer`).
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 from celery.worker.consumer import Consumer
+from kombu.message import Message
 
 from shared.dead_letters import publish_dead_letter
+from shared.envelope import refusal_reason
 from shared.roles import StepRole
 from shared.settings import Settings
 from shared.topology import QUEUE_ROLES, Topology, task_name
 
-__all__ = ["DeadLetteringConsumer", "create_celery_app", "worker_node_name"]
+__all__ = ["DeadLetteringConsumer", "create_celery_app", "dead_letter_message", "worker_node_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,35 +93,67 @@ def worker_node_name(role: StepRole) -> str:
     return f"{role.value}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}.{os.getpid()}"
 
 
+def dead_letter_message(app: Celery, message: Message, reason: str) -> None:
+    """Republish ``message`` whole (body, content type and encoding, headers) to the dead-letter queue.
+
+    Does not ack it: the caller does (the consumer at once, the step task through Celery's late ack).
+    """
+    settings: Settings = app.conf.umi_settings
+    source = (message.delivery_info or {}).get("routing_key") or "unknown"
+    # A pooled connection: a flood of malformed messages costs no handshake each.
+    with app.pool.acquire(block=True) as connection:
+        publish_dead_letter(
+            connection,
+            Topology(settings),
+            body=message.body,
+            reason=reason,
+            source_queue=source,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            headers=dict(message.headers or {}),
+        )
+    logger.error("dead-lettered a message from %s: %s", source, reason)
+
+
 class DeadLetteringConsumer(Consumer):
     """Celery's consumer, except that messages it cannot run are dead-lettered with a reason.
 
-    Stock Celery acks undecodable messages (they vanish) and rejects unknown
-    ones (the broker's DLX then records only "rejected").
+    Stock Celery acks undecodable messages (they vanish), rejects unknown ones (the
+    broker's DLX then records only "rejected"), and stops the worker on a message
+    whose body or headers have an unexpected shape. Here every message first passes
+    :func:`~shared.envelope.refusal_reason`, and anything Celery still cannot turn
+    into a request is dead-lettered rather than allowed to stop the consumer.
     """
 
-    def _dead_letter(self, message: Any, reason: str) -> None:
-        settings: Settings = self.app.conf.umi_settings
-        topology = Topology(settings)
-        source = (message.delivery_info or {}).get("routing_key") or "unknown"
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], None]:
+        celery_handler = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Message) -> None:
+            reason = refusal_reason(message)
+            if reason is not None:
+                self._dead_letter(message, reason)
+                return
+            try:
+                celery_handler(message)
+            except self.connection_errors:
+                raise  # the consumer reconnects; the broker redelivers
+            except Exception as exc:
+                logger.exception("Celery could not take a message")
+                self._dead_letter(message, f"Celery cannot run this message: {exc!r}")
+
+        return on_task_received
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
         try:
-            with self.app.connection_for_write() as connection:
-                publish_dead_letter(
-                    connection,
-                    topology,
-                    body=message.body,
-                    reason=reason,
-                    source_queue=source,
-                    content_type=message.content_type,
-                    headers={k: v for k, v in (message.headers or {}).items() if isinstance(v, (str, int, float))},
-                )
+            dead_letter_message(self.app, message, reason)
         except Exception:
             # Could not park it: leave it to the broker (reject → x-death).
-            logger.exception("could not dead-letter a message from %s; rejecting it", source)
-            message.reject_log_error(logger, self.connection_errors)
+            logger.exception("could not dead-letter a message; rejecting it")
+            if not message.acknowledged:
+                message.reject_log_error(logger, self.connection_errors)
             return
-        logger.error("dead-lettered a message from %s: %s", source, reason)
-        message.ack()
+        if not message.acknowledged:
+            message.ack()
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._dead_letter(message, f"undecodable message ({message.content_type}): {exc}")

@@ -135,6 +135,8 @@ class ClaimState(StrEnum):
     ACQUIRED = "acquired"
     #: The previous owner's lease lapsed (it died): this owner now holds it and runs the call again.
     TAKEN_OVER = "taken_over"
+    #: This owner held it already (an in-place retry after a database or broker outage): it goes on.
+    RESUMED = "resumed"
     #: A live owner holds it; wait until its step is stored or its lease lapses.
     HELD = "held"
     #: The call already ran.
@@ -152,7 +154,7 @@ class ToolCallClaim:
     @property
     def runs_here(self) -> bool:
         """Whether the claiming owner now holds the claim and must run the call."""
-        return self.state in (ClaimState.ACQUIRED, ClaimState.TAKEN_OVER)
+        return self.state in (ClaimState.ACQUIRED, ClaimState.TAKEN_OVER, ClaimState.RESUMED)
 
 
 def database_now(session: Session) -> datetime:
@@ -194,6 +196,9 @@ def claim_tool_call(
         return ToolCallClaim(state=ClaimState.ACQUIRED, call=call)
     if existing.status != ToolCallStatus.RUNNING:
         return ToolCallClaim(state=ClaimState.COMPLETED, call=existing)
+    if existing.owner == owner:
+        existing.lease_expires_at = now + lease
+        return ToolCallClaim(state=ClaimState.RESUMED, call=existing)
     if existing.lease_expires_at is not None and existing.lease_expires_at > now:
         return ToolCallClaim(state=ClaimState.HELD, call=existing, lease_left_s=(existing.lease_expires_at - now).total_seconds())
     existing.attempts += 1

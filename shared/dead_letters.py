@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pika
 from kombu import Connection
 from pydantic import BaseModel
 
+from shared.redaction import bound_text
 from shared.topology import Topology
 
-__all__ = ["DeadLetter", "REASON_HEADER", "publish_dead_letter", "drain_dead_letters"]
+__all__ = ["DeadLetter", "REASON_HEADER", "drain_dead_letters", "pika_parameters", "publish_dead_letter"]
 
 REASON_HEADER = "x-umi-dead-letter-reason"
 SOURCE_QUEUE_HEADER = "x-umi-source-queue"
@@ -28,7 +30,9 @@ class DeadLetter(BaseModel):
 
     reason: str
     source_queue: str | None
+    #: The body as text (bytes that are not UTF-8 shown as U+FFFD).
     body: str
+    content_type: str | None = None
     headers: dict[str, Any]
 
 
@@ -40,13 +44,18 @@ def publish_dead_letter(
     reason: str,
     source_queue: str,
     content_type: str | None = None,
+    content_encoding: str | None = None,
     headers: dict[str, Any] | None = None,
 ) -> None:
-    """Publish ``body`` to the dead-letter queue with ``reason`` (persistent, confirmed)."""
+    """Publish ``body`` to the dead-letter queue with ``reason`` (persistent, confirmed).
+
+    The body, content type and encoding and the ``headers`` are kept as given, so the
+    letter is the message that was refused, plus the reason headers.
+    """
     merged = dict(headers or {})
     merged.update(
         {
-            REASON_HEADER: reason[:2000],
+            REASON_HEADER: bound_text(reason, 2000),
             SOURCE_QUEUE_HEADER: source_queue,
             "x-umi-dead-lettered-at": datetime.now(UTC).isoformat(),
         }
@@ -59,7 +68,7 @@ def publish_dead_letter(
         declare=[topology.dead_letter_queue()],
         headers=merged,
         content_type=content_type or "application/octet-stream",
-        content_encoding="binary" if isinstance(body, bytes) else "utf-8",
+        content_encoding=content_encoding or ("binary" if isinstance(body, bytes) else "utf-8"),
         delivery_mode=2,
         retry=True,
     )
@@ -74,6 +83,18 @@ def _reason(headers: dict[str, Any]) -> str:
     return "unknown"
 
 
+def pika_parameters(broker_url: str) -> pika.URLParameters:
+    """pika's connection parameters for a kombu broker URL; ``amqps://`` keeps TLS.
+
+    kombu's ``pyamqp://`` is plain AMQP to pika. kombu reads the whole path as the
+    vhost (``…:5672//`` is ``/``) while pika reads one segment, so it is re-quoted.
+    """
+    parts = urlsplit(broker_url)
+    scheme = "amqp" if parts.scheme == "pyamqp" else parts.scheme
+    vhost = unquote(parts.path[1:]) or "/"
+    return pika.URLParameters(urlunsplit((scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, "")))
+
+
 def drain_dead_letters(broker_url: str, topology: Topology, *, limit: int = 100, requeue: bool = True) -> list[DeadLetter]:
     """Read up to ``limit`` dead letters; with ``requeue`` they stay on the queue.
 
@@ -81,8 +102,7 @@ def drain_dead_letters(broker_url: str, topology: Topology, *, limit: int = 100,
     counts a ``basic.reject`` (all that py-amqp offers) against the quorum queue's
     delivery limit, so listing the queue twenty times would drop its letters.
     """
-    parameters = pika.URLParameters("amqp" + broker_url[broker_url.index("://") :])
-    connection = pika.BlockingConnection(parameters)
+    connection = pika.BlockingConnection(pika_parameters(broker_url))
     try:
         channel = connection.channel()
         queue = topology.dead_letter_queue()
@@ -99,7 +119,15 @@ def drain_dead_letters(broker_url: str, topology: Topology, *, limit: int = 100,
             headers = dict(properties.headers or {})
             source = headers.get(SOURCE_QUEUE_HEADER) or (headers.get("x-death") or [{}])[0].get("queue")
             text = body.decode("utf-8", "replace")
-            letters.append(DeadLetter(reason=_reason(headers), source_queue=source, body=text, headers=_jsonable(headers)))
+            letters.append(
+                DeadLetter(
+                    reason=_reason(headers),
+                    source_queue=source,
+                    body=text,
+                    content_type=properties.content_type,
+                    headers=_jsonable(headers),
+                )
+            )
         for tag in tags:
             if requeue:
                 channel.basic_nack(tag, requeue=True)

@@ -82,6 +82,8 @@ class EndReason(StrEnum):
     CANCELLED = "cancelled"
     LLM_ERROR = "llm_error"
     ENQUEUE_ERROR = "enqueue_error"
+    #: A worker hit an error it does not know how to handle; the task's error says which.
+    INTERNAL_ERROR = "internal_error"
 
 
 class Actor(StrEnum):
@@ -127,6 +129,7 @@ ENDINGS: Mapping[EndReason, Ending] = {
     EndReason.CANCELLED: Ending(TaskStatus.CANCELLED, frozenset({Actor.CLIENT})),
     EndReason.LLM_ERROR: Ending(TaskStatus.FAILED, _LLM_WORKERS),
     EndReason.ENQUEUE_ERROR: Ending(TaskStatus.FAILED, frozenset({Actor.SUBMITTER})),
+    EndReason.INTERNAL_ERROR: Ending(TaskStatus.FAILED, _WORKERS),
 }
 
 

@@ -19,12 +19,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Enum, ForeignKey, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Enum, ForeignKey, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from shared.lifecycle import EndReason, TaskStatus, utcnow
 from shared.prompts import NextRole
 from shared.roles import StepRole
+from shared.sqltypes import SafeString, SafeText
 
 __all__ = [
     "Step",
@@ -65,7 +66,7 @@ class TaskMode(StrEnum):
 class TaskBase(SQLModel):
     """The task's query: asked for, stored and shown."""
 
-    query: str = Field(min_length=1, max_length=32_000, sa_type=Text, description="The user's request.")
+    query: str = Field(min_length=1, max_length=32_000, sa_type=SafeText, description="The user's request.")
 
 
 class TaskGeneration(SQLModel):
@@ -86,8 +87,8 @@ class TaskState(TaskBase):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     status: TaskStatus = Field(default=TaskStatus.QUEUED, sa_type=enum_column(TaskStatus), index=True)
-    answer: str | None = Field(default=None, sa_type=Text)
-    error: str | None = Field(default=None, sa_type=Text)
+    answer: str | None = Field(default=None, sa_type=SafeText)
+    error: str | None = Field(default=None, sa_type=SafeText)
     end_reason: EndReason | None = Field(default=None, sa_type=enum_column(EndReason, 32))
     max_steps: int
     deadline_at: datetime
@@ -109,10 +110,10 @@ class StepBase(SQLModel):
     """A step's fields as the API shows them; the table and the draft add what only they hold."""
 
     role: StepRole = Field(sa_type=enum_column(StepRole))
-    output: str = Field(sa_type=Text)
+    output: str = Field(sa_type=SafeText)
     #: Planner steps: who acts next (``caller``, ``conclusion``, ``give up``); the API calls it ``next``.
     next_role: NextRole | None = Field(default=None, sa_type=enum_column(NextRole), schema_extra={"serialization_alias": "next"})
-    tool_name: str | None = Field(default=None, max_length=256)
+    tool_name: str | None = Field(default=None, max_length=256, sa_type=SafeString(256))
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
@@ -123,7 +124,7 @@ class StepContent(StepBase):
     """A step as a handler produces it and the table stores it (not shown by the API)."""
 
     #: The LLM's text before parsing (planner outputs are cut after their Next marker).
-    raw_output: str | None = Field(default=None, sa_type=Text)
+    raw_output: str | None = Field(default=None, sa_type=SafeText)
     attempts: int | None = None
 
 
@@ -160,8 +161,8 @@ class ToolCall(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     task_id: uuid.UUID = Field(sa_column=Column(ForeignKey("umi_task.id", ondelete="CASCADE"), index=True, nullable=False))
     step_index: int
-    tool_name: str = Field(max_length=256)
-    arguments: str = Field(sa_column=Column(Text, nullable=False))
+    tool_name: str = Field(max_length=256, sa_type=SafeString(256))
+    arguments: str = Field(sa_column=Column(SafeText, nullable=False))
     status: ToolCallStatus = Field(sa_type=enum_column(ToolCallStatus))
     attempts: int = 1
     #: Who runs the call now: one id per claiming attempt (see ``services/tools/lease.py``).
@@ -170,7 +171,7 @@ class ToolCall(SQLModel, table=True):
     lease_expires_at: datetime | None = None
     ok: bool | None = None
     backend: str | None = Field(default=None, max_length=32)
-    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    error: str | None = Field(default=None, sa_column=Column(SafeText, nullable=True))
     latency_s: float | None = None
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None

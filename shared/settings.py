@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
+from kombu.utils.url import maybe_sanitize_url
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -47,6 +48,10 @@ class Settings(BaseSettings):
     quorum_queues: bool = True
     #: Deliveries of one message before the broker dead-letters it (poison-message cap).
     delivery_limit: int = Field(default=5, ge=1)
+    #: How long a worker retries a job in place (backoff) while the database or broker is
+    #: unreachable before it gives the message back to the queue (which spends a delivery).
+    #: The message stays unacked meanwhile, so this stays under RabbitMQ's 30-minute consumer timeout.
+    infra_retry_s: float = Field(default=60.0, ge=0, le=1500)
 
     # --- SGLang servers, one per LLM role ----------------------------------
     planner_llm_url: str = "http://127.0.0.1:30001"
@@ -128,7 +133,7 @@ class Settings(BaseSettings):
             return value
         parts = urlsplit(value)
         if parts.scheme not in {"http", "https"} or not parts.netloc:
-            raise ValueError(f"must be an http(s)://host:port URL, got {value!r}")
+            raise ValueError(f"must be an http(s)://host:port URL, got {maybe_sanitize_url(value)!r}")
         return value.rstrip("/")
 
     @model_validator(mode="after")

@@ -1,46 +1,144 @@
 """Celery glue shared by the four role workers: the step task, its runtime, and how to run it.
 
 Each ``services/<role>/worker.py`` calls :func:`create_worker_app` with its
-handler; the app consumes only that role's queue. The task body validates the
-message, runs the handler and turns failures into broker actions:
+handler; the app consumes only that role's queue. A message reaches the step task
+only once the consumer has checked its shape (:mod:`shared.envelope`); the task
+validates the job, runs the handler (:func:`run_job`) and turns what happens into
+broker actions:
 
-* a malformed job or an impossible step → dead-letter queue, with the reason;
-* a passing infrastructure failure (database or broker unreachable) →
-  ``Reject(requeue=True)`` after a short pause; the quorum queue's delivery
-  limit dead-letters a message that never gets through.
+* a malformed job or an impossible step → the whole message to the dead-letter
+  queue, with the reason;
+* the database or broker unreachable → the handler is retried in place with
+  backoff (the message stays unacked) for up to ``UMI_INFRA_RETRY_S``; only then
+  is it given back with ``Reject(requeue=True)``, which spends one of the quorum
+  queue's deliveries;
+* any other error → the task ends at once, ``failed`` / ``internal_error``, with
+  the error bounded and redacted.
+
+A worker that stops on an unrecoverable error exits non-zero (:func:`run_worker`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
+import stamina
 from celery import Celery
 from celery.exceptions import Reject
+from celery.worker.request import Request
 from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.message import Message
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from shared.celery_app import create_celery_app, worker_node_name
-from shared.dead_letters import publish_dead_letter
+from shared.celery_app import create_celery_app, dead_letter_message, worker_node_name
 from shared.dispatch import CeleryDispatcher
-from shared.pipeline import JobOutcome, PoisonJob, Runtime
+from shared.envelope import describe_validation_error
+from shared.lifecycle import EndReason
+from shared.pipeline import JobOutcome, PoisonJob, Runtime, end_task
+from shared.redaction import bound_text, secrets_redactor
 from shared.roles import StepRole
 from shared.schemas import StepJob
 from shared.settings import Settings
 from shared.topology import Topology, task_name
 
-__all__ = ["StepHandler", "create_worker_app", "run_worker", "start_worker_thread"]
+__all__ = [
+    "InfrastructureUnavailable",
+    "StartUp",
+    "StepHandler",
+    "create_worker_app",
+    "is_transient",
+    "run_job",
+    "run_worker",
+    "start_worker_thread",
+]
 
 logger = logging.getLogger(__name__)
 
 StepHandler = Callable[..., JobOutcome]
-#: Pause before requeueing after an infrastructure failure (the broker redelivers at once).
-INFRA_RETRY_PAUSE_S = 1.0
+#: A role's start-up check: builds its resources from the runtime; raises ``ConfigurationError``.
+StartUp = Callable[[Runtime], None]
+#: The request attribute that hands the step task the message as received.
+RECEIVED_MESSAGE = "umi_message"
+#: Backoff of the in-place retries: 0.1 s doubling up to 2 s, with up to 0.5 s of jitter.
+INFRA_WAIT_INITIAL_S, INFRA_WAIT_MAX_S, INFRA_WAIT_JITTER_S = 0.1, 2.0, 0.5
+
+
+class InfrastructureUnavailable(Exception):
+    """The database or broker stayed unreachable for the whole in-place retry budget."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database or broker is unreachable for now (retrying may help).
+
+    Data errors (a value PostgreSQL refuses, a constraint) are not transient: retrying
+    them cannot help.
+    """
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError))
+    return isinstance(exc, (PoolTimeoutError, DisconnectionError, KombuOperationalError, ConnectionError, TimeoutError))
+
+
+def run_job(handler: StepHandler, job: StepJob, rt: Runtime, *, redelivered: bool) -> JobOutcome:
+    """Run ``handler`` on ``job``: transient failures retried in place, anything unknown ends the task.
+
+    Handlers are idempotent, so a retry is what a redelivery would be, without spending
+    one of the queue's deliveries; a retry counts as redelivered (this copy may have left
+    a tool-call claim behind). Raises :class:`~shared.pipeline.PoisonJob` (dead-letter
+    the message) and :class:`InfrastructureUnavailable` (give it back to the queue).
+    """
+    try:
+        return _retrying_in_place(rt, lambda attempt: handler(job, rt, redelivered=redelivered or attempt > 1))
+    except PoisonJob:
+        raise
+    except InfrastructureUnavailable:
+        raise
+    except Exception as exc:
+        redact = secrets_redactor(rt.settings)
+        error = bound_text(redact(f"{job.role.value} worker: {_describe(exc)}"))
+        logger.error(
+            "task %s step %d: unexpected error, ending the task: %s",
+            job.task_id, job.step_index, bound_text(redact(traceback.format_exc())),
+        )
+        return _retrying_in_place(
+            rt,
+            lambda _attempt: end_task(job, rt, reason=EndReason.INTERNAL_ERROR, error=error),
+        )
+
+
+def _retrying_in_place(rt: Runtime, call: Callable[[int], JobOutcome]) -> JobOutcome:
+    """``call(attempt)`` until it returns, retrying transient failures for ``UMI_INFRA_RETRY_S``."""
+    budget = rt.settings.infra_retry_s
+    try:
+        for attempt in stamina.retry_context(
+            on=is_transient,
+            attempts=None,
+            timeout=budget,
+            wait_initial=INFRA_WAIT_INITIAL_S,
+            wait_max=INFRA_WAIT_MAX_S,
+            wait_jitter=INFRA_WAIT_JITTER_S,
+        ):
+            with attempt:
+                if attempt.num > 1:
+                    logger.warning("database or broker unreachable; attempt %d (retrying for %.0fs)", attempt.num, budget)
+                return call(attempt.num)
+    except Exception as exc:
+        if is_transient(exc):
+            raise InfrastructureUnavailable(f"still unreachable after {budget:.0f}s: {_describe(exc)}") from exc
+        raise
+    raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``; for a database error the driver's own, without SQLAlchemy's statement and parameters."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _RuntimeHolder:
@@ -59,44 +157,57 @@ class _RuntimeHolder:
             return self._runtime
 
 
-def create_worker_app(role: StepRole, handler: StepHandler, settings: Settings) -> Celery:
-    """The Celery app of one role's worker, with its step task registered."""
+class StepRequest(Request):
+    """Celery's request, also handing the step task the message as received.
+
+    So a job the task refuses is dead-lettered whole (body, content type, headers),
+    not rebuilt from its decoded argument.
+    """
+
+    def __init__(self, message: Message, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        self._request_dict[RECEIVED_MESSAGE] = message
+
+
+def create_worker_app(
+    role: StepRole, handler: StepHandler, settings: Settings, *, start_up: StartUp | None = None
+) -> Celery:
+    """The Celery app of one role's worker, with its step task registered.
+
+    ``start_up`` checks the role's configuration before the worker consumes anything
+    (:func:`run_worker` and :func:`start_worker_thread` call it): it builds the role's
+    resources from the runtime and raises ``ConfigurationError`` naming what is wrong.
+    """
     app = create_celery_app(settings, name=f"umi.{role.value}")
     runtime = _RuntimeHolder(app, settings)
-    topology = Topology(settings)
-    source_queue = topology.queue_name(role)
+    app.conf.umi_start_up = (lambda: start_up(runtime.get())) if start_up is not None else runtime.get
 
-    def dead_letter(payload: Any, reason: str) -> None:
-        with app.connection_for_write() as connection:
-            publish_dead_letter(
-                connection,
-                topology,
-                body=json.dumps(payload, default=str),
-                reason=reason,
-                source_queue=source_queue,
-                content_type="application/json",
-            )
-        logger.error("dead-lettered a %s message: %s", role.value, reason)
+    def dead_letter(request: Any, reason: str) -> str:
+        message = getattr(request, RECEIVED_MESSAGE, None)
+        if message is None:  # run eagerly (task.apply): there is no message to park
+            raise PoisonJob(reason)
+        try:
+            dead_letter_message(app, message, reason)
+        except Exception as exc:
+            # Cannot park it now: give it back; it is refused again on its next delivery.
+            raise Reject(f"could not dead-letter: {exc}", requeue=True) from exc
+        return "dead_lettered"
 
-    @app.task(name=task_name(role), bind=True, acks_late=True, reject_on_worker_lost=True)
-    def step(self: Any, payload: Any = None, *args: Any, **kwargs: Any) -> str:
+    @app.task(name=task_name(role), bind=True, acks_late=True, reject_on_worker_lost=True, Request=StepRequest)
+    def step(self: Any, payload: Any) -> str:
         try:
             job = StepJob.model_validate(payload)
         except ValidationError as exc:
-            dead_letter(payload, f"invalid {role.value} job: {_first_errors(exc)}")
-            return "dead_lettered"
-        if args or kwargs or job.role is not role:
-            dead_letter(payload, f"a {role.value} worker cannot run a {job.role.value} job with extra arguments")
-            return "dead_lettered"
+            return dead_letter(self.request, f"invalid {role.value} job: {describe_validation_error(exc)}")
+        if job.role is not role:
+            return dead_letter(self.request, f"a {role.value} worker cannot run a {job.role.value} job")
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         try:
-            outcome = handler(job, runtime.get(), redelivered=redelivered)
+            outcome = run_job(handler, job, runtime.get(), redelivered=redelivered)
         except PoisonJob as exc:
-            dead_letter(payload, str(exc))
-            return "dead_lettered"
-        except (DBAPIError, KombuOperationalError, ConnectionError) as exc:
-            logger.warning("task %s step %d: infrastructure failure, requeueing: %s", job.task_id, job.step_index, exc)
-            time.sleep(INFRA_RETRY_PAUSE_S)
+            return dead_letter(self.request, str(exc))
+        except InfrastructureUnavailable as exc:
+            logger.warning("task %s step %d: %s; giving the message back", job.task_id, job.step_index, exc)
             raise Reject(str(exc), requeue=True) from exc
         logger.info("task %s step %d (%s): %s", job.task_id, job.step_index, role.value, outcome)
         return outcome.value
@@ -104,34 +215,36 @@ def create_worker_app(role: StepRole, handler: StepHandler, settings: Settings) 
     return app
 
 
-def _first_errors(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors()[:3]:
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
+def _start_up(app: Celery) -> None:
+    """Run the role's start-up check (builds the runtime and the role's resources)."""
+    app.conf.umi_start_up()
 
 
-def run_worker(app: Celery, role: StepRole, settings: Settings, *, concurrency: int, loglevel: str = "INFO") -> None:
-    """Run the worker in the foreground (``umi worker <role>``) until SIGTERM/SIGINT."""
-    queue = Topology(settings).queue_name(role)
-    app.worker_main(
-        [
-            "worker",
-            "--queues", queue,
-            "--hostname", worker_node_name(role),
-            "--pool", "threads",
-            "--concurrency", str(concurrency),
-            "--loglevel", loglevel,
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
+def run_worker(app: Celery, role: StepRole, settings: Settings, *, concurrency: int, loglevel: str = "INFO") -> int:
+    """Run the worker in the foreground (``umi worker <role>``) until SIGTERM/SIGINT; its exit code.
+
+    The role's start-up check runs first (its ``ConfigurationError`` propagates). The
+    code is 0 after a warm shutdown and non-zero when the worker stopped on an
+    unrecoverable error, so a supervisor sees the failure.
+    """
+    _start_up(app)
+    worker = app.Worker(
+        hostname=worker_node_name(role),
+        queues=[Topology(settings).queue_name(role)],
+        pool_cls="threads",
+        concurrency=concurrency,
+        loglevel=loglevel.upper(),
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
     )
+    worker.start()
+    return int(worker.exitcode or 0)
 
 
 def start_worker_thread(app: Celery, role: StepRole, settings: Settings, *, concurrency: int) -> Callable[[], None]:
     """Run the worker inside this process (embedded mode); returns a function that stops it."""
+    _start_up(app)
     queue = Topology(settings).queue_name(role)
     controller = app.WorkController(
         hostname=worker_node_name(role),

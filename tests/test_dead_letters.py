@@ -10,13 +10,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pika
 import pytest
 
 from shared.dead_letters import DeadLetter, drain_dead_letters
 from shared.roles import StepRole
 from shared.topology import task_name
 from tests.conftest import UMI, load_trajectories, single_chain_indices
+from tests.messages import celery_body, celery_headers, confirmed_channel, publish
 from umi.deployment import Deployment
 
 
@@ -30,34 +30,10 @@ def planner_only(rabbitmq_url: str, postgres_url: str, tmp_path_factory: pytest.
         system.close()
 
 
-def _celery_headers(task: str) -> dict[str, object]:
-    task_id = str(uuid.uuid4())
-    return {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None, "group": None,
-            "retries": 0, "timelimit": [None, None], "argsrepr": "", "kwargsrepr": "", "origin": "test"}
-
-
-def _celery_body(*args: object) -> bytes:
-    return json.dumps([list(args), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()
-
-
 def _publish(system: Deployment, body: bytes, headers: dict[str, object] | None) -> None:
     """Publish like a non-Python producer would: plain AMQP with pika, confirmed."""
-    params = pika.URLParameters(system.settings.broker_url)
-    connection = pika.BlockingConnection(params)
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(
-            exchange=system.topology.exchange.name,
-            routing_key=system.topology.queue_name(StepRole.PLANNER),
-            body=body,
-            properties=pika.BasicProperties(
-                content_type="application/json", content_encoding="utf-8", headers=headers, delivery_mode=2
-            ),
-            mandatory=True,
-        )
-    finally:
-        connection.close()
+    with confirmed_channel(system.settings.broker_url) as channel:
+        publish(channel, system.topology, StepRole.PLANNER, body, headers)
 
 
 def _wait_for_letter(system: Deployment, marker: str, timeout_s: float = 20) -> DeadLetter:
@@ -72,7 +48,7 @@ def _wait_for_letter(system: Deployment, marker: str, timeout_s: float = 20) -> 
 
 def test_an_undecodable_message_is_dead_lettered_with_the_reason(planner_only: Deployment) -> None:
     marker = f"broken-{uuid.uuid4().hex}"
-    _publish(planner_only, f'{{"not json {marker}'.encode(), _celery_headers(task_name(StepRole.PLANNER)))
+    _publish(planner_only, f'{{"not json {marker}'.encode(), celery_headers(task_name(StepRole.PLANNER)))
     letter = _wait_for_letter(planner_only, marker)
     assert letter.reason.startswith("undecodable message (application/json)")
     assert letter.source_queue == planner_only.topology.queue_name(StepRole.PLANNER)
@@ -80,7 +56,7 @@ def test_an_undecodable_message_is_dead_lettered_with_the_reason(planner_only: D
 
 def test_a_message_for_an_unknown_task_is_dead_lettered(planner_only: Deployment) -> None:
     marker = f"unknown-{uuid.uuid4().hex}"
-    _publish(planner_only, _celery_body(marker), _celery_headers("umi.nonexistent.step"))
+    _publish(planner_only, celery_body(marker), celery_headers("umi.nonexistent.step"))
     assert _wait_for_letter(planner_only, marker).reason == "unknown task 'umi.nonexistent.step': no worker here runs it"
 
 
@@ -93,7 +69,7 @@ def test_a_message_without_celery_headers_is_dead_lettered(planner_only: Deploym
 def test_a_job_that_fails_validation_is_dead_lettered_naming_the_field(planner_only: Deployment) -> None:
     marker = f"badjob-{uuid.uuid4().hex}"
     job = {"task_id": marker, "step_index": 1, "role": "planner"}
-    _publish(planner_only, _celery_body(job), _celery_headers(task_name(StepRole.PLANNER)))
+    _publish(planner_only, celery_body(job), celery_headers(task_name(StepRole.PLANNER)))
     letter = _wait_for_letter(planner_only, marker)
     assert letter.reason.startswith("invalid planner job: task_id: Input should be a valid UUID")
 
@@ -101,13 +77,13 @@ def test_a_job_that_fails_validation_is_dead_lettered_naming_the_field(planner_o
 def test_a_job_for_a_task_that_does_not_exist_is_dead_lettered(planner_only: Deployment) -> None:
     missing = uuid.uuid4()
     job = {"task_id": str(missing), "step_index": 1, "role": "planner"}
-    _publish(planner_only, _celery_body(job), _celery_headers(task_name(StepRole.PLANNER)))
+    _publish(planner_only, celery_body(job), celery_headers(task_name(StepRole.PLANNER)))
     assert _wait_for_letter(planner_only, str(missing)).reason == f"task {missing} does not exist"
 
 
 def test_umi_dlq_list_shows_the_reasons_and_leaves_the_letters_queued(planner_only: Deployment) -> None:
     marker = f"listed-{uuid.uuid4().hex}"
-    _publish(planner_only, _celery_body(marker), _celery_headers("umi.other.step"))
+    _publish(planner_only, celery_body(marker), celery_headers("umi.other.step"))
     _wait_for_letter(planner_only, marker)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("UMI_")}, **planner_only.env}
     for _ in range(2):  # listing does not consume
@@ -118,7 +94,7 @@ def test_umi_dlq_list_shows_the_reasons_and_leaves_the_letters_queued(planner_on
 
 
 def test_the_worker_keeps_consuming_after_poison_messages(planner_only: Deployment) -> None:
-    _publish(planner_only, b"\xff\xfe garbage", _celery_headers(task_name(StepRole.PLANNER)))
+    _publish(planner_only, b"\xff\xfe garbage", celery_headers(task_name(StepRole.PLANNER)))
     time.sleep(1.0)
     assert planner_only.workers[StepRole.PLANNER].poll() is None
     assert planner_only.consumer_count(StepRole.PLANNER) >= 1

@@ -11,7 +11,9 @@ from pathlib import Path
 import httpx
 
 from shared.asgi import free_port
+from shared.settings import load_settings
 from tests.conftest import REPO, UMI, load_trajectories
+from umi.embedded import EmbeddedSystem
 
 
 def _clean_env() -> dict[str, str]:
@@ -54,3 +56,11 @@ def test_umi_up_and_submit_reproduce_a_recorded_trajectory(tmp_path: Path) -> No
         output, _ = up.communicate(timeout=30)
     assert "SGLang SIMULATOR" in output
     assert up.returncode == 0
+
+
+def test_umi_up_shows_broker_and_database_urls_without_their_passwords() -> None:
+    settings = load_settings(broker_url="amqps://umi:br0ker-pw@mq.example:5671/prod", database_url="postgresql://umi:db-pw@db.example/umi")
+    lines = "\n".join(EmbeddedSystem(settings=settings).describe())
+    assert "br0ker-pw" not in lines and "db-pw" not in lines
+    assert "amqps://umi:**@mq.example:5671/prod" in lines
+    assert "postgresql+psycopg://umi:***@db.example/umi" in lines

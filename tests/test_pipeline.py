@@ -6,6 +6,7 @@ simulator over real HTTP; jobs they publish are collected instead of sent.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,49 @@ def test_the_replay_oracle_is_independent_of_the_prompt_code(tmp_path: Path, sim
     assert run_job(rt, StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)) is JobOutcome.STORED
     planner = stored_steps(rt, task_id)[1]
     assert planner.output != record["conversations"][1]["value"]
+
+
+def test_an_in_place_retry_after_a_failed_store_keeps_the_call_it_made(
+    tmp_path: Path, simulator_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails as the observation is stored: the worker's in-place retry stores the outcome it has.
+
+    The API is not called a second time and the worker does not wait for its own lease.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    import services.tools.handler as tools_handler
+    from shared import worker as worker_glue
+
+    calls: list[str] = []
+    registry = ToolRegistry()
+
+    @registry.register("validate_email_address_for_email_address_validator")
+    def validate(email: str) -> str:
+        calls.append(email)
+        return f"checked {email}"
+
+    settings = sqlite_settings(tmp_path, simulator_url, tools_lease_s=30, infra_retry_s=10)
+    rt = Runtime(settings=settings, dispatcher=CollectingDispatcher(), resources={TOOL_EXECUTOR: build_executor(settings, registry=registry)})
+    task_id = create_task(rt, load_trajectories()[14])
+    for job in (StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER), StepJob(task_id=task_id, step_index=2, role=StepRole.CALLER)):
+        run_job(rt, job)
+    real_store = tools_handler.store_step
+    failures = iter([OperationalError("UPDATE umi_step", {}, ConnectionError("server closed the connection"))])
+
+    def flaky_store(*args: object, **kwargs: object) -> JobOutcome:
+        for exc in failures:
+            raise exc
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(tools_handler, "store_step", flaky_store)
+    started = time.monotonic()
+    outcome = worker_glue.run_job(tools_handler.handle_tools_job, StepJob(task_id=task_id, step_index=3, role=StepRole.TOOLS), rt, redelivered=False)
+    assert outcome is JobOutcome.STORED
+    assert time.monotonic() - started < 10  # no wait for its own 30 s lease
+    assert calls == ["john.doe@example.com"]
+    with Session(rt.engine) as session:
+        (call,) = session.exec(select(ToolCall).where(ToolCall.task_id == task_id)).all()
+    assert (call.status, call.attempts) == (ToolCallStatus.COMPLETED, 1)
+    assert stored_steps(rt, task_id)[-1].output == "checked john.doe@example.com"
+    rt.close()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from kombu.utils.url import maybe_sanitize_url
 from pydantic import ValidationError
 
 from evaluation.metrics import PAPER_TABLE1 as PAPER_ROWS
@@ -43,6 +44,14 @@ WORKER_ROLES = [role.value for role in (StepRole.PLANNER, StepRole.CALLER, StepR
 
 class UsageError(Exception):
     """Bad command-line input; the message says what to fix."""
+
+
+def _log_level(value: str) -> str:
+    """A ``--loglevel`` value in any case (``warning``, ``WARNING``), as logging's upper-case name."""
+    name = value.upper()
+    if name not in logging.getLevelNamesMapping():
+        raise argparse.ArgumentTypeError(f"unknown log level {value!r} (use debug, info, warning, error or critical)")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,19 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--concurrency", type=int, default=8, help="threads per role worker")
     up.add_argument("--data", type=Path, action="append", help="trajectories the simulator replays")
-    up.add_argument("--loglevel", default="WARNING")
+    up.add_argument("--loglevel", type=_log_level, default="WARNING")
     up.set_defaults(func=_cmd_up)
 
     worker = sub.add_parser("worker", help="run one role's worker service")
     worker.add_argument("role", choices=WORKER_ROLES)
     worker.add_argument("--concurrency", type=int, default=None, help="threads (default UMI_WORKER_CONCURRENCY)")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", type=_log_level, default="INFO")
     worker.set_defaults(func=_cmd_worker)
 
     gateway = sub.add_parser("gateway", help="run the HTTP gateway")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
-    gateway.add_argument("--loglevel", default="INFO")
+    gateway.add_argument("--loglevel", type=_log_level, default="INFO")
     gateway.set_defaults(func=_cmd_gateway)
 
     submit = sub.add_parser("submit", help="submit a task to the gateway")
@@ -99,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     sim_sub = sim.add_subparsers(required=True, metavar="action")
     serve = sim_sub.add_parser("serve", help="serve SGLang's HTTP API, replaying recorded trajectories")
     add_simulator_arguments(serve)
-    serve.add_argument("--loglevel", default="INFO")
+    serve.add_argument("--loglevel", type=_log_level, default="INFO")
     serve.set_defaults(func=_cmd_sim_serve)
 
     db = sub.add_parser("db", help="database schema")
@@ -122,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     static.add_argument("--greedy", action="store_true", help="temperature 0: reproducible runs")
     static.add_argument("--constrained", action="store_true", help="constrained decoding (off: as the paper's runs)")
     static.add_argument("--compare", choices=sorted(PAPER_ROWS), default=None, help="add the paper's numbers to the table")
-    static.add_argument("--loglevel", default="WARNING")
+    static.add_argument("--loglevel", type=_log_level, default="WARNING")
     static.set_defaults(func=_cmd_eval_static)
     score = eval_sub.add_parser("score", help="the static metrics of an α-UMi predictions file")
     score.add_argument("--predictions", type=Path, required=True)
@@ -179,8 +188,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     app = importlib.import_module(f"services.{role.value}.worker").create_app(settings)
     with app.connection_for_write() as connection:
         Topology(settings).declare(connection)  # the whole topology, before consuming
-    run_worker(app, role, settings, concurrency=args.concurrency or settings.worker_concurrency, loglevel=args.loglevel)
-    return 0
+    return run_worker(app, role, settings, concurrency=args.concurrency or settings.worker_concurrency, loglevel=args.loglevel)
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -367,7 +375,7 @@ def _evaluation_system(args: argparse.Namespace, *, concurrency: int) -> Iterato
         app = create_celery_app(settings, name="umi.eval")
         with app.connection_for_write() as connection:
             Topology(settings).declare(connection)
-        print(f"running through the role services on {settings.broker_url.split('@')[-1]}", file=sys.stderr)
+        print(f"running through the role services on {maybe_sanitize_url(settings.broker_url)}", file=sys.stderr)
         yield get_engine(settings.database_url), CeleryDispatcher(app), settings
         return
     overrides: dict[str, object] = {}

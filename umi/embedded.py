@@ -17,6 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kombu.utils.url import maybe_sanitize_url
+from sqlalchemy.engine import make_url
+
 from shared.asgi import ServerThread
 from shared.db import upgrade_schema
 from shared.example_data import BUNDLED_TRAJECTORIES
@@ -105,8 +108,8 @@ class EmbeddedSystem:
                 lines.append(f"{role.value:<12} SGLang SIMULATOR at {self.simulators[role].url} (replays recorded data; not inference)")
             else:
                 lines.append(f"{role.value:<12} SGLang server at {self.settings.llm_url(role)}")
-        lines.append(f"broker       {_redact(self.settings.broker_url)}")
-        lines.append(f"database     {_redact(self.settings.database_url)}")
+        lines.append(f"broker       {maybe_sanitize_url(self.settings.broker_url)}")
+        lines.append(f"database     {make_url(self.settings.database_url).render_as_string(hide_password=True)}")
         lines.append(f"tools        mirror of {self.settings.tools_mirror}" if self.settings.tools_mirror else "tools        no mirror")
         lines.append("workers      " + ", ".join(role.value for role in QUEUE_ROLES) + " (threads in this process)")
         return lines
@@ -120,10 +123,4 @@ class EmbeddedSystem:
             except Exception:  # keep stopping the rest
                 logger.exception("error while stopping")
 
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 

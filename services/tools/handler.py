@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from services.tools.executor import ToolExecutor, build_executor
 from services.tools.lease import LeaseKeeper, new_owner_id
-from services.tools.models import idempotency_key
+from services.tools.models import ToolOutcome, idempotency_key
 from shared import crud
 from shared.db import session_scope
 from shared.models import ToolCall, ToolCallStatus, utcnow
@@ -27,6 +31,51 @@ logger = logging.getLogger(__name__)
 TOOL_EXECUTOR = "tool_executor"
 #: The name of this worker's lease keeper among the runtime's resources.
 LEASE_KEEPER = "tool_call_lease_keeper"
+#: The name of this worker's unfinished tool steps among the runtime's resources.
+UNFINISHED_CALLS = "unfinished_tool_calls"
+#: Unfinished tool steps remembered per process (an in-place retry finds its own; old ones are forgotten).
+MAX_UNFINISHED_CALLS = 1024
+
+
+@dataclass
+class _UnfinishedCall:
+    """A tool step this process began: its claim owner, and the outcome once the call ran."""
+
+    owner: str = field(default_factory=new_owner_id)
+    outcome: ToolOutcome | None = None
+    #: A thread is working on it now (a second copy of the job in this process must not share it).
+    active: bool = True
+
+
+class _UnfinishedCalls:
+    """Tool steps begun here whose step is not stored yet, so an in-place retry (the worker waiting
+    out a database outage) resumes its own claim and reuses an outcome instead of calling the API again."""
+
+    def __init__(self) -> None:
+        self._calls: OrderedDict[tuple[uuid.UUID, int], _UnfinishedCall] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def begin(self, job: StepJob) -> _UnfinishedCall:
+        """This job's unfinished call to resume, or a new one (also for a copy running beside it)."""
+        with self._lock:
+            key = (job.task_id, job.step_index)
+            call = self._calls.get(key)
+            if call is not None and call.active:
+                return _UnfinishedCall()  # another copy is on it: this one claims as a stranger
+            if call is None:
+                call = self._calls[key] = _UnfinishedCall()
+            call.active = True
+            self._calls.move_to_end(key)
+            while len(self._calls) > MAX_UNFINISHED_CALLS:
+                self._calls.popitem(last=False)
+            return call
+
+    def end(self, job: StepJob, call: _UnfinishedCall, *, finished: bool) -> None:
+        """Forget a finished call; keep an unfinished one for the in-place retry."""
+        with self._lock:
+            call.active = False
+            if finished and self._calls.get((job.task_id, job.step_index)) is call:
+                del self._calls[(job.task_id, job.step_index)]
 
 
 def tool_executor(rt: Runtime) -> ToolExecutor:
@@ -51,7 +100,19 @@ def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) ->
     of a live worker that only lost its connection.
     """
     keeper = lease_keeper(rt)
-    owner = new_owner_id()
+    unfinished = rt.resource(UNFINISHED_CALLS, _UnfinishedCalls)
+    begun = unfinished.begin(job)
+    finished = False
+    try:
+        outcome = _claim_run_and_store(job, rt, keeper, begun)
+        finished = True
+        return outcome
+    finally:
+        unfinished.end(job, begun, finished=finished)  # unfinished: the in-place retry finds it again
+
+
+def _claim_run_and_store(job: StepJob, rt: Runtime, keeper: LeaseKeeper, begun: _UnfinishedCall) -> JobOutcome:
+    owner = begun.owner
     waited = False
     while True:
         context = open_step(job, rt)
@@ -85,20 +146,25 @@ def handle_tools_job(job: StepJob, rt: Runtime, *, redelivered: bool = False) ->
 
     if claim.state is crud.ClaimState.TAKEN_OVER:
         logger.warning("task %s step %d: took over a tool call whose owner's lease lapsed", job.task_id, job.step_index)
+    if claim.state is crud.ClaimState.RESUMED and begun.outcome is not None:
+        logger.info("task %s step %d: storing the outcome of the call made before the outage", job.task_id, job.step_index)
     with keeper.hold(claim.call):
-        return _run_and_store(job, rt, context, call, owner)
+        return _run_and_store(job, rt, context, call, begun)
 
 
-def _run_and_store(job: StepJob, rt: Runtime, context: StepContext, call: CallerAction, owner: str) -> JobOutcome:
-    # The history lets the mirror tell apart identical calls recorded with different observations.
-    outcome = tool_executor(rt).execute(
-        call.action,
-        call.action_input,
-        context.tools,
-        history=crud.steps_to_turns(context.steps),
-        idempotency_key=idempotency_key(job.task_id, job.step_index),
-        deadline=context.deadline,
-    )
+def _run_and_store(job: StepJob, rt: Runtime, context: StepContext, call: CallerAction, begun: _UnfinishedCall) -> JobOutcome:
+    owner = begun.owner
+    if begun.outcome is None:
+        # The history lets the mirror tell apart identical calls recorded with different observations.
+        begun.outcome = tool_executor(rt).execute(
+            call.action,
+            call.action_input,
+            context.tools,
+            history=crud.steps_to_turns(context.steps),
+            idempotency_key=idempotency_key(job.task_id, job.step_index),
+            deadline=context.deadline,
+        )
+    outcome = begun.outcome
 
     def complete_tool_call(session: Session) -> None:
         row = session.exec(

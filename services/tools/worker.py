@@ -7,14 +7,24 @@ from __future__ import annotations
 
 from celery import Celery
 
-from services.tools.handler import handle_tools_job
+from services.tools.errors import ToolSetupError
+from services.tools.handler import handle_tools_job, tool_executor
+from shared.pipeline import Runtime
 from shared.roles import StepRole
-from shared.settings import Settings, get_settings
+from shared.settings import ConfigurationError, Settings, get_settings
 from shared.worker import create_worker_app
 
 ROLE = StepRole.TOOLS
 
 
+def check_tools(rt: Runtime) -> None:
+    """Build the tool executor before consuming: a bad mirror or catalog stops the worker at start."""
+    try:
+        tool_executor(rt)
+    except ToolSetupError as exc:
+        raise ConfigurationError(f"the tools worker cannot start: {exc}") from None
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """The tools worker's Celery app, consuming ``umi.tools``."""
-    return create_worker_app(ROLE, handle_tools_job, settings or get_settings())
+    return create_worker_app(ROLE, handle_tools_job, settings or get_settings(), start_up=check_tools)
