@@ -30,7 +30,7 @@ from shared.roles import LLMRole
 from shared.schemas import StepJob
 from shared.sglang_client import SGLangClient, SGLangError
 
-__all__ = ["constraint_kinds", "llm_client", "run_llm_step"]
+__all__ = ["constraint_kinds", "grammar_backend_check", "llm_client", "run_llm_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,23 @@ def constraint_kinds(rt: Runtime, role: LLMRole, *, deadline: float | None = Non
         logger.info("could not read the %s server's grammar backend (%s); assuming xgrammar", role.value, exc)
         return ALL_CONSTRAINT_KINDS
     return rt.resource(name, lambda: kinds)
+
+
+#: How long a worker's start-up waits for its SGLang server's ``/server_info``.
+STARTUP_CHECK_TIMEOUT_S = 5.0
+
+
+def grammar_backend_check(role: LLMRole) -> Callable[[Runtime], None]:
+    """A worker start-up check: read ``role``'s server's grammar backend and warn if it cannot compile the role's constraint.
+
+    Never fatal: a server still loading its model is asked again on the first step.
+    """
+
+    def check(rt: Runtime) -> None:
+        if rt.settings.constrained:
+            constraint_kinds(rt, role, deadline=time.monotonic() + STARTUP_CHECK_TIMEOUT_S)
+
+    return check
 
 
 def run_llm_step(

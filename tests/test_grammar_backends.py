@@ -77,3 +77,25 @@ def test_a_server_that_does_not_report_a_backend_is_taken_as_sglangs_default() -
     with ServerThread(front) as server, SGLangClient(server.url) as client:
         assert client.server_info().grammar_backend is None
         assert server_constraint_kinds(client, LLMRole.CALLER) == GRAMMAR_BACKEND_KINDS["xgrammar"]
+
+
+def test_the_llm_workers_check_the_grammar_backend_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from services.caller.worker import create_app as create_caller_app
+    from services.planner.worker import create_app as create_planner_app
+
+    with ServerThread(create_app(SimulatorConfig(data=TRAIN_FILES, grammar_backend="outlines"))) as server:
+        settings = sqlite_settings(tmp_path, server.url, constrained=True)
+        with caplog.at_level(logging.WARNING, logger="shared.llm"):
+            create_caller_app(settings).conf.umi_start_up()
+            create_planner_app(settings).conf.umi_start_up()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(w.startswith("caller SGLang server") and "outlines" in w for w in warnings), warnings
+    assert not any(w.startswith("planner SGLang server") for w in warnings)  # outlines compiles the planner's regex
+
+
+def test_a_worker_starts_although_its_llm_server_is_not_up_yet(tmp_path: Path) -> None:
+    from services.caller.worker import create_app as create_caller_app
+    from shared.asgi import free_port
+
+    settings = sqlite_settings(tmp_path, f"http://127.0.0.1:{free_port()}", constrained=True, llm_connect_timeout_s=0.5)
+    create_caller_app(settings).conf.umi_start_up()  # no exception: it is asked again on the first step
