@@ -22,23 +22,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from evaluation.metrics import StaticMetrics, format_prediction, is_decision_point, reference_for
 from shared import crud
 from shared.dispatch import Dispatcher
-from shared.models import Task
+from shared.lifecycle import TERMINAL_STATUSES
+from shared.models import Task, TaskMode
 from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
-from shared.lifecycle import TERMINAL_STATUSES
-from shared.models import TaskMode
-from shared.schemas import TaskCreate
+from shared.schemas import RecordedTaskCreate
 from shared.settings import Settings
 from shared.tasks import submit_task
 
-__all__ = ["DecisionPoint", "StaticEvalOptions", "decision_points", "run_static_eval", "write_results"]
+__all__ = [
+    "DecisionPoint",
+    "DecisionPoints",
+    "SkippedPoint",
+    "StaticEvalOptions",
+    "decision_points",
+    "run_static_eval",
+    "write_results",
+]
 
 
 class DecisionPoint(BaseModel):
@@ -63,33 +70,81 @@ class StaticEvalOptions(BaseModel):
     timeout_s: float = Field(default=600, gt=0)
 
 
-def decision_points(records: Sequence[dict[str, Any]], *, limit: int | None = None) -> list[DecisionPoint]:
-    """The decision points of α-UMi records ``{"tools", "instruction", "conversations"}``, in order."""
-    points: list[DecisionPoint] = []
+class SkippedPoint(BaseModel):
+    """A record (or one decision point of it) the evaluation could not use, and why."""
+
+    record_index: int
+    turn_index: int | None = None
+    reason: str
+
+
+class DecisionPoints(BaseModel):
+    """The decision points of a test file, and what had to be left out (reported, never fatal)."""
+
+    points: list[DecisionPoint]
+    skipped: list[SkippedPoint] = Field(default_factory=list)
+
+
+def decision_points(records: Sequence[Any], *, limit: int | None = None) -> DecisionPoints:
+    """The decision points of α-UMi records ``{"tools", "instruction", "conversations"}``, in order.
+
+    Tool lists and histories are taken as recorded (two tools of one ``Name``, turns after a
+    ``conclusion``), as the reference does. A record that cannot be read at all, or a
+    decision point no planner can act on, is reported in :attr:`DecisionPoints.skipped`
+    with its index and the reason; one bad record never stops the rest.
+    """
+    result = DecisionPoints(points=[])
     for record_index, record in enumerate(records):
-        tools = [ToolDoc.model_validate(tool) for tool in record["tools"]]
-        turns = [Turn.model_validate(turn) for turn in record["conversations"]]
+        try:
+            tools, turns, instruction = _read_record(record)
+        except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            result.skipped.append(SkippedPoint(record_index=record_index, reason=_reason(exc)))
+            continue
         for turn_index, turn in enumerate(turns):
             if turn.speaker is not Speaker.ASSISTANT or not is_decision_point(turn.value):
                 continue
             following = turns[turn_index + 1] if turn_index + 1 < len(turns) else None
-            points.append(
-                DecisionPoint(
-                    record_index=record_index,
-                    turn_index=turn_index,
-                    tools=tools,
-                    instruction=record.get("instruction", turns[0].value),
-                    history=turns[:turn_index],
-                    reference=reference_for(turn.value, following.model_dump(by_alias=True) if following else None),
-                )
+            point = DecisionPoint(
+                record_index=record_index,
+                turn_index=turn_index,
+                tools=tools,
+                instruction=instruction,
+                history=turns[:turn_index],
+                reference=reference_for(turn.value, following.model_dump(by_alias=True) if following else None),
             )
-            if limit is not None and len(points) >= limit:
-                return points
-    return points
+            try:
+                _task_for(point, StaticEvalOptions())
+            except ValueError as exc:
+                result.skipped.append(SkippedPoint(record_index=record_index, turn_index=turn_index, reason=_reason(exc)))
+                continue
+            result.points.append(point)
+            if limit is not None and len(result.points) >= limit:
+                return result
+    return result
 
 
-def _task_for(point: DecisionPoint, options: StaticEvalOptions) -> TaskCreate:
-    return TaskCreate(
+def _read_record(record: Any) -> tuple[list[ToolDoc], list[Turn], str]:
+    if not isinstance(record, dict):
+        raise TypeError(f"a record must be a JSON object, not {type(record).__name__}")
+    tools = [ToolDoc.model_validate(tool) for tool in record["tools"]]
+    turns = [Turn.model_validate(turn) for turn in record["conversations"]]
+    if not turns or turns[0].speaker is not Speaker.USER:
+        raise ValueError("the conversation must start with a user turn")
+    return tools, turns, str(record.get("instruction", turns[0].value))
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing field {exc.args[0]!r}"
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "record"
+        return f"{where}: {first['msg']}"
+    return str(exc)
+
+
+def _task_for(point: DecisionPoint, options: StaticEvalOptions) -> RecordedTaskCreate:
+    return RecordedTaskCreate(
         query=point.history[0].value,
         tools=point.tools,
         history=point.history[1:],
@@ -166,9 +221,11 @@ def _prediction_record(engine: Engine, point: DecisionPoint, task_id: uuid.UUID)
     }
 
 
-def write_results(out_dir: Path, predictions: list[dict[str, Any]], metrics: StaticMetrics) -> None:
-    """``predictions.json`` (α-UMi format plus our fields) and ``metrics.json``."""
+def write_results(
+    out_dir: Path, predictions: list[dict[str, Any]], metrics: StaticMetrics, skipped: Sequence[SkippedPoint] = ()
+) -> None:
+    """``predictions.json`` (α-UMi format plus our fields), ``metrics.json`` and ``skipped.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "predictions.json").write_text(json.dumps(predictions, indent=2, ensure_ascii=False))
     (out_dir / "metrics.json").write_text(json.dumps(metrics.model_dump(), indent=2))
-
+    (out_dir / "skipped.json").write_text(json.dumps([point.model_dump() for point in skipped], indent=2, ensure_ascii=False))

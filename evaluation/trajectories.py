@@ -8,9 +8,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from shared import crud
-from shared.models import Task
 from shared.lifecycle import TaskStatus
-from shared.models import TaskMode
+from shared.models import Task, TaskMode
 
 __all__ = ["stored_trajectories", "task_trajectory"]
 

@@ -25,13 +25,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.constraints import caller_ebnf, planner_regex
+from shared.context_window import cut_text_to_tokens, max_prompt_tokens, prompt_budget
 from shared.prompts import STOP_SEQUENCE, ToolDoc
 from shared.redaction import install_log_redaction, secrets_redactor
 from shared.roles import LLMRole
 from shared.settings import Settings
-from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient
+from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient, SGLangRequestError
 
-__all__ = ["build_role_request", "client_for_role", "fit_to_context", "role_constraint"]
+__all__ = [
+    "GRAMMAR_BACKEND_KINDS",
+    "build_role_request",
+    "client_for_role",
+    "fit_to_context",
+    "role_constraint",
+    "server_constraint_kinds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +47,57 @@ logger = logging.getLogger(__name__)
 MIN_CONNECTIONS = 64
 
 
-def role_constraint(role: LLMRole, tools: Sequence[ToolDoc]) -> dict[str, str]:
+#: The constraint kinds each SGLang ``--grammar-backend`` compiles. ``outlines`` has no EBNF
+#: (the caller's grammar would abort every caller request) and ``none`` compiles nothing.
+GRAMMAR_BACKEND_KINDS: dict[str, frozenset[str]] = {
+    "xgrammar": frozenset({"json_schema", "regex", "ebnf", "structural_tag"}),
+    "llguidance": frozenset({"json_schema", "regex", "ebnf", "structural_tag"}),
+    "outlines": frozenset({"json_schema", "regex"}),
+    "none": frozenset(),
+}
+#: SGLang's default backend, assumed where a server does not say (e.g. a router).
+DEFAULT_GRAMMAR_BACKEND = "xgrammar"
+ALL_CONSTRAINT_KINDS = GRAMMAR_BACKEND_KINDS[DEFAULT_GRAMMAR_BACKEND]
+
+
+def server_constraint_kinds(client: SGLangClient, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
+    """The constraint kinds ``role``'s SGLang server can compile, from its ``--grammar-backend``.
+
+    The caller's grammar is EBNF, which only ``xgrammar`` and ``llguidance`` compile; on
+    another backend the caller generates unconstrained (and the planner keeps its regex
+    where the backend has regex), with a warning naming the fix.
+    """
+    backend = client.server_info(deadline=deadline).grammar_backend or DEFAULT_GRAMMAR_BACKEND
+    kinds = GRAMMAR_BACKEND_KINDS.get(backend)
+    if kinds is None:
+        logger.warning("%s SGLang server at %s reports grammar backend %r; assuming it compiles every constraint",
+                       role.value, client.base_url, backend)
+        return ALL_CONSTRAINT_KINDS
+    needed = _ROLE_CONSTRAINT_KIND.get(role)
+    if needed is not None and needed not in kinds:
+        logger.warning(
+            "%s SGLang server at %s runs --grammar-backend %s, which cannot compile the %s's %s constraint: "
+            "%s requests go unconstrained (run SGLang with --grammar-backend xgrammar or llguidance)",
+            role.value, client.base_url, backend, role.value, needed, role.value,
+        )
+    return kinds
+
+
+_ROLE_CONSTRAINT_KIND = {LLMRole.PLANNER: "regex", LLMRole.CALLER: "ebnf"}
+
+
+def role_constraint(
+    role: LLMRole, tools: Sequence[ToolDoc], *, kinds: frozenset[str] = ALL_CONSTRAINT_KINDS
+) -> dict[str, str]:
     """The one grammar parameter for ``role`` (``{}`` for the summarizer).
 
     A caller with no tools cannot satisfy its grammar, so it generates
     unconstrained, as the reference does; the tool executor then rejects the call.
+    A role whose constraint kind is not in ``kinds`` (what its server's grammar
+    backend compiles) generates unconstrained too.
     """
+    if _ROLE_CONSTRAINT_KIND.get(role) not in kinds:
+        return {}
     if role is LLMRole.PLANNER:
         return {"regex": planner_regex()}
     if role is LLMRole.CALLER:
@@ -66,12 +119,14 @@ def build_role_request(
     greedy: bool = False,
     temperature: float | None = None,
     max_new_tokens: int | None = None,
+    constraint_kinds: frozenset[str] = ALL_CONSTRAINT_KINDS,
 ) -> GenerateRequest:
     """The ``/generate`` request for one step of ``role`` on the raw-text ``prompt``.
 
     ``greedy`` sets temperature 0 (deterministic runs, evaluation); otherwise
     the settings' temperature and top_p apply. ``constrained`` adds the role's
-    grammar (at most one per request, as SGLang requires). ``temperature`` and
+    grammar (at most one per request, as SGLang requires) where ``constraint_kinds``
+    (what the server's grammar backend compiles) has its kind. ``temperature`` and
     ``max_new_tokens`` override the settings for one task.
     """
     if temperature is None:
@@ -81,9 +136,11 @@ def build_role_request(
         "temperature": 0.0 if greedy else temperature,
         "top_p": settings.top_p,
         "stop": [STOP_SEQUENCE],
+        # The reference generates with force_generate: never stop on the first token.
+        "min_new_tokens": 1,
     }
     if constrained:
-        params.update(role_constraint(role, tools))
+        params.update(role_constraint(role, tools, kinds=constraint_kinds))
     return GenerateRequest(text=prompt, sampling_params=SamplingParams(**params), rid=rid)
 
 
@@ -109,21 +166,34 @@ def client_for_role(role: LLMRole, settings: Settings) -> SGLangClient:
 def fit_to_context(
     client: SGLangClient, request: GenerateRequest, *, context_length: int, deadline: float | None = None
 ) -> GenerateRequest:
-    """Cut an over-long prompt from the left so prompt + ``max_new_tokens`` fits the context (docs/architecture.md).
+    """Cut an over-long prompt from the left so prompt + ``max_new_tokens`` fits the context.
 
-    A token covers at least one character, so a prompt with no more characters
-    than the window leaves after the output budget (and a BOS token) cannot be
-    too long and is sent as text without asking the server. A longer one is
-    tokenized by the server; if it does not fit, its last tokens are sent as
-    ``input_ids`` — as the α-UMi reference keeps ``tokens[-max_len:]``.
+    A prompt whose UTF-8 byte count (plus BOS and a prefix space) fits the budget cannot
+    be too long and is sent as text without asking the server. A longer one is tokenized
+    by the server; if it does not fit, its last tokens are sent as ``input_ids`` — as the
+    α-UMi reference keeps ``tokens[-max_len:]``. Where the server has no ``/tokenize``
+    route (an SGLang router, a gateway), the prompt's tail is cut by the byte bound and
+    sent as text: shorter than the exact cut, never too long.
     """
     assert request.text is not None
-    budget = context_length - (request.sampling_params.max_new_tokens or 0)
-    if len(request.text) + 1 <= budget:
+    max_new_tokens = request.sampling_params.max_new_tokens or 0
+    budget = prompt_budget(context_length, max_new_tokens)
+    if max_prompt_tokens(request.text) <= budget:
         return request
-    tokenized = client.tokenize(request.text, deadline=deadline)
-    budget = min(budget, tokenized.max_model_len - (request.sampling_params.max_new_tokens or 0))
+    try:
+        tokenized = client.tokenize(request.text, deadline=deadline)
+    except SGLangRequestError as exc:
+        if exc.status_code not in TOKENIZE_MISSING_STATUSES:
+            raise
+        cut = cut_text_to_tokens(request.text, budget)
+        logger.info("no /tokenize at %s: prompt cut by its byte count to %d characters", client.base_url, len(cut))
+        return request.model_copy(update={"text": cut})
+    budget = min(budget, tokenized.max_model_len - max_new_tokens)
     if tokenized.count <= budget:
         return request
     logger.info("prompt of %d tokens cut to its last %d (context %d)", tokenized.count, budget, tokenized.max_model_len)
     return request.model_copy(update={"text": None, "input_ids": tokenized.tokens[-budget:]})
+
+
+#: Answers meaning "this server has no /tokenize route" (a router or gateway in front of SGLang).
+TOKENIZE_MISSING_STATUSES = frozenset({404, 405, 501})

@@ -2,28 +2,77 @@
 
 Each LLM role's handler supplies how to render its prompt and how to interpret the
 output; this module asks the role's SGLang server (one client per worker process,
-kept in the :class:`~shared.pipeline.Runtime`) and stores the step idempotently.
+kept in the :class:`~shared.pipeline.Runtime`), normalises the output as the α-UMi
+reference does (:func:`shared.prompts.normalize_output`; a blank planner output is
+asked again, up to :data:`~shared.prompts.PLANNER_MAX_GENERATIONS` times) and stores
+the step idempotently, with the raw output beside the normalised one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
 
-from shared.llm import build_role_request, client_for_role, fit_to_context
-from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
-from shared.roles import LLMRole
 from shared.lifecycle import EndReason
+from shared.llm import ALL_CONSTRAINT_KINDS, build_role_request, client_for_role, fit_to_context, server_constraint_kinds
+from shared.models import TaskMode
+from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
+from shared.prompts import (
+    NONE_OUTPUT,
+    PLANNER_MAX_GENERATIONS,
+    is_blank_planner_output,
+    normalize_output,
+    normalize_static_output,
+)
+from shared.roles import LLMRole
 from shared.schemas import StepJob
 from shared.sglang_client import SGLangClient, SGLangError
 
-__all__ = ["llm_client", "run_llm_step"]
+__all__ = ["constraint_kinds", "grammar_backend_check", "llm_client", "run_llm_step"]
+
+logger = logging.getLogger(__name__)
 
 
 def llm_client(rt: Runtime, role: LLMRole) -> SGLangClient:
     """The (shared, thread-safe) client for ``role``'s SGLang server in this process."""
     return rt.resource(f"llm:{role.value}", lambda: client_for_role(role, rt.settings))
+
+
+def constraint_kinds(rt: Runtime, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
+    """What ``role``'s SGLang server's grammar backend compiles, asked once per process.
+
+    A server that cannot be asked right now (still loading, unreachable) is assumed to run
+    SGLang's default backend; it is asked again next time.
+    """
+    name = f"grammar:{role.value}"
+    known = rt.resources.get(name)
+    if known is not None:
+        return known
+    try:
+        kinds = server_constraint_kinds(llm_client(rt, role), role, deadline=deadline)
+    except SGLangError as exc:
+        logger.info("could not read the %s server's grammar backend (%s); assuming xgrammar", role.value, exc)
+        return ALL_CONSTRAINT_KINDS
+    return rt.resource(name, lambda: kinds)
+
+
+#: How long a worker's start-up waits for its SGLang server's ``/server_info``.
+STARTUP_CHECK_TIMEOUT_S = 5.0
+
+
+def grammar_backend_check(role: LLMRole) -> Callable[[Runtime], None]:
+    """A worker start-up check: read ``role``'s server's grammar backend and warn if it cannot compile the role's constraint.
+
+    Never fatal: a server still loading its model is asked again on the first step.
+    """
+
+    def check(rt: Runtime) -> None:
+        if rt.settings.constrained:
+            constraint_kinds(rt, role, deadline=time.monotonic() + STARTUP_CHECK_TIMEOUT_S)
+
+    return check
 
 
 def run_llm_step(
@@ -39,33 +88,54 @@ def run_llm_step(
     if isinstance(context, JobOutcome):
         return context
     prompt = render(context)
+    constrained = context.task.constrained
+    kinds = constraint_kinds(rt, llm_role, deadline=context.deadline) if constrained and llm_role is not LLMRole.SUMMARIZER else ALL_CONSTRAINT_KINDS
     request = build_role_request(
         llm_role,
         prompt,
         tools=context.tools,
         settings=rt.settings,
-        constrained=context.task.constrained,
+        constrained=constrained,
+        constraint_kinds=kinds,
         rid=f"{job.task_id.hex}-{job.step_index}-{uuid.uuid4().hex[:8]}",
         temperature=context.task.temperature,
         max_new_tokens=context.task.max_new_tokens,
     )
     started = time.monotonic()
     client = llm_client(rt, llm_role)
+    # The static evaluation keeps outputs as GLPFT's infer_pipeline does and never asks again.
+    static = context.task.mode == TaskMode.STATIC_STEP
+    generations = PLANNER_MAX_GENERATIONS if llm_role is LLMRole.PLANNER and not static else 1
+    prompt_tokens = completion_tokens = cached_tokens = attempts = 0
     try:
         request = fit_to_context(client, request, context_length=rt.settings.context_length, deadline=context.deadline)
-        result = client.generate(request, deadline=context.deadline)
+        for generation in range(1, generations + 1):
+            if generation > 1:
+                request = request.model_copy(update={"rid": f"{request.rid}-{generation}"})
+            result = client.generate(request, deadline=context.deadline)
+            prompt_tokens += result.prompt_tokens or 0
+            completion_tokens += result.completion_tokens or 0
+            cached_tokens += result.cached_tokens or 0
+            attempts += getattr(result, "attempts", 1)
+            text = normalize_static_output(result.text) if static else normalize_output(llm_role, result.text)
+            if llm_role is not LLMRole.PLANNER or static or not is_blank_planner_output(text):
+                break
+            logger.info("task %s step %d: blank planner output %r (generation %d of %d)", job.task_id, job.step_index, text, generation, generations)
+        else:
+            text = NONE_OUTPUT  # as the reference, after the last blank generation
     except SGLangError as exc:
         if context.remaining_s <= 0:
             return end_task(job, rt, reason=EndReason.DEADLINE, error="deadline exceeded")
         return end_task(job, rt, reason=EndReason.LLM_ERROR, error=f"{llm_role} LLM failed: {exc}")
-    draft = interpret(result.text, context)
+    draft = interpret(text, context)
     draft = draft.model_copy(
         update={
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "cached_tokens": result.cached_tokens,
+            "raw_output": result.text,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cached_tokens": cached_tokens,
             "latency_s": time.monotonic() - started,
-            "attempts": getattr(result, "attempts", None),
+            "attempts": attempts,
         }
     )
     return store_step(job, draft, rt)

@@ -37,6 +37,13 @@ __all__ = [
     "Turn",
     "parse_caller_output",
     "parse_planner_output",
+    "normalize_output",
+    "normalize_static_output",
+    "is_blank_planner_output",
+    "BLANK_PLANNER_OUTPUTS",
+    "MARKER_PRIORITY",
+    "NONE_OUTPUT",
+    "PLANNER_MAX_GENERATIONS",
     "render_caller_prompt",
     "render_history",
     "render_planner_prompt",
@@ -200,17 +207,56 @@ class PlannerDecision(BaseModel):
     marker_found: bool
 
 
+#: The reference checks the markers in this order, not by position: an output holding
+#: ``Next: caller.`` and later ``Next: give up.`` gives up (``collab_agent_model.py``).
+MARKER_PRIORITY = (NextRole.GIVE_UP, NextRole.CONCLUSION, NextRole.CALLER)
+#: Planner outputs the reference generates again (after normalising): empty, ``.`` or ``,``.
+BLANK_PLANNER_OUTPUTS = frozenset({"", ".", ","})
+#: How many planner generations the reference makes before it settles for :data:`NONE_OUTPUT`.
+PLANNER_MAX_GENERATIONS = 5
+#: What the reference keeps when every generation was blank.
+NONE_OUTPUT = "none"
+
+
+def normalize_output(role: LLMRole, generated: str) -> str:
+    """A model output as the real-API reference keeps it (``collab_agent_model.py``).
+
+    Every role's output is stripped of surrounding whitespace (SGLang decodes the first
+    output token together with the prompt's last ones, so real checkpoints answer with a
+    leading space); a planner output then loses a leading ``": "``.
+    """
+    text = generated.strip()
+    if role is LLMRole.PLANNER and text.startswith(": "):
+        text = text[2:]
+    return text
+
+
+def is_blank_planner_output(normalized: str) -> bool:
+    """Whether the reference would ask the planner again for this (normalised) output."""
+    return normalized.strip() in BLANK_PLANNER_OUTPUTS
+
+
+def normalize_static_output(generated: str) -> str:
+    """A model output as the static evaluation keeps it (GLPFT ``infer_pipeline.py``).
+
+    No stripping there: a leading ``": "`` is dropped and a blank output becomes ``none``.
+    """
+    text = generated[2:] if generated.startswith(": ") else generated
+    return NONE_OUTPUT if text.strip() in BLANK_PLANNER_OUTPUTS else text
+
+
 def parse_planner_output(generated: str) -> PlannerDecision:
-    """Cut after the first ``Next:`` marker; without one, α-UMi defaults to the caller."""
-    best: tuple[int, NextRole] | None = None
-    for role in NextRole:
+    """Cut after the planner's ``Next:`` marker; without one, α-UMi defaults to the caller.
+
+    As the reference: the markers are looked for in :data:`MARKER_PRIORITY` order and the
+    text is cut after the first occurrence of the one found; with none, ``" Next: caller."``
+    is appended.
+    """
+    for role in MARKER_PRIORITY:
         pos = generated.find(role.marker)
-        if pos != -1 and (best is None or pos < best[0]):
-            best = (pos, role)
-    if best is None:
-        return PlannerDecision(text=generated + " " + NextRole.CALLER.marker, next=NextRole.CALLER, marker_found=False)
-    pos, role = best
-    return PlannerDecision(text=generated[: pos + len(role.marker)], next=role, marker_found=True)
+        if pos != -1:
+            return PlannerDecision(text=generated[: pos + len(role.marker)], next=role, marker_found=True)
+    return PlannerDecision(text=generated + " " + NextRole.CALLER.marker, next=NextRole.CALLER, marker_found=False)
 
 
 class CallerAction(BaseModel):

@@ -21,6 +21,7 @@ from kombu.utils.url import maybe_sanitize_url
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.context_window import PromptDoesNotFit, prompt_budget
 from shared.roles import LLMRole
 
 __all__ = ["ConfigurationError", "Settings", "get_settings", "reset_settings_cache"]
@@ -134,6 +135,14 @@ class Settings(BaseSettings):
         if parts.scheme not in {"http", "https"} or not parts.netloc:
             raise ValueError(f"must be an http(s)://host:port URL, got {maybe_sanitize_url(value)!r}")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_context(self) -> Settings:
+        try:
+            prompt_budget(self.context_length, self.max_new_tokens)
+        except PromptDoesNotFit as exc:
+            raise ValueError(f"UMI_MAX_NEW_TOKENS / UMI_CONTEXT_LENGTH: {exc}") from exc
+        return self
 
     @model_validator(mode="after")
     def _check_mirror(self) -> Settings:

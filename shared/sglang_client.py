@@ -322,6 +322,16 @@ class TokenizeResult(BaseModel):
     max_model_len: int
 
 
+class ServerInfo(BaseModel):
+    """The parts of ``/server_info`` the product reads (the server's resolved arguments)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    #: ``--grammar-backend``: ``xgrammar`` (SGLang's default), ``llguidance``, ``outlines`` or ``none``.
+    grammar_backend: str | None = None
+    version: str | None = None
+
+
 class FinishReason(BaseModel):
     """``meta_info.finish_reason``: why generation ended.
 
@@ -559,6 +569,23 @@ class SGLangClient:
             exc.attempts = attempts
             raise
 
+    def server_info(self, *, deadline: float | None = None) -> ServerInfo:
+        """``GET /server_info`` (falling back to ``/get_server_info``, which routers serve too); not retried."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        url = self.base_url + "/server_info"
+        try:
+            response = self._attempt(url, None, remaining, method="GET")
+        except SGLangRequestError as exc:
+            if exc.status_code != 404:
+                raise
+            url = self.base_url + "/get_server_info"
+            response = self._attempt(url, None, remaining, method="GET")
+        try:
+            return ServerInfo.model_validate(_decode_body(response))
+        except ValidationError as exc:
+            message = f"unexpected server info: {_or_empty(response.text)}"
+            raise SGLangProtocolError(response.status_code, message, url=url, redact=self._redact) from exc
+
     def tokenize(self, text: str, *, deadline: float | None = None) -> TokenizeResult:
         """``POST /tokenize``: the prompt's token ids as the server's tokenizer sees them."""
         response, _ = self._call("/tokenize", {"prompt": text}, deadline)
@@ -606,12 +633,15 @@ class SGLangClient:
 
         return self.retry.call(attempt, transient=_is_retryable, deadline=deadline, on_retry=log_retry)
 
-    def _attempt(self, url: str, body: dict[str, Any] | None, remaining: float | None) -> httpx.Response:
+    def _attempt(
+        self, url: str, body: dict[str, Any] | None, remaining: float | None, *, method: str = "POST"
+    ) -> httpx.Response:
         """One HTTP exchange; a non-2xx answer is raised as an :class:`SGLangResponseError`."""
         content = None if body is None else json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+        headers = {"Content-Type": "application/json"} if content is not None else None
         try:
-            response = self._http.post(
-                url, content=content, headers={"Content-Type": "application/json"}, timeout=self.timeout.capped(remaining)
+            response = self._http.request(
+                method, url, content=content, headers=headers, timeout=self.timeout.capped(remaining)
             )
         except httpx.TimeoutException as exc:
             message = f"SGLang at {url}: {type(exc).__name__} ({exc or 'timed out'})"

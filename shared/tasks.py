@@ -10,11 +10,12 @@ import logging
 from sqlalchemy.engine import Engine
 
 from shared import crud, lifecycle
+from shared.context_window import prompt_budget
 from shared.db import session_scope
 from shared.dispatch import Dispatcher
+from shared.lifecycle import Actor, EndReason
 from shared.models import Task
 from shared.roles import StepRole
-from shared.lifecycle import Actor, EndReason
 from shared.schemas import StepJob, TaskCreate
 from shared.settings import Settings
 
@@ -30,9 +31,12 @@ class EnqueueError(RuntimeError):
 def submit_task(*, engine: Engine, dispatcher: Dispatcher, settings: Settings, task_in: TaskCreate) -> Task:
     """Commit the task (and its given history), then publish its first planner job.
 
-    Raises :class:`EnqueueError` (after marking the task failed) when the publish
-    fails, so no stored task waits for a message that was never sent.
+    Raises :class:`~shared.context_window.PromptDoesNotFit` (nothing stored) when the
+    task's ``max_new_tokens`` leaves no room for a prompt in the context window, and
+    :class:`EnqueueError` (after marking the task failed) when the publish fails, so no
+    stored task waits for a message that was never sent.
     """
+    prompt_budget(settings.context_length, task_in.max_new_tokens or settings.max_new_tokens)
     with session_scope(engine) as session:
         task = crud.create_task(
             session=session,

@@ -21,10 +21,14 @@ import pytest
 from shared.example_data import BUNDLED_TRAJECTORIES as TRAJECTORIES
 from shared.example_data import load_trajectories, single_chain_indices
 
-__all__ = ["REPO", "TRAIN_DIR", "TRAJECTORIES", "UMI", "load_trajectories", "single_chain_indices"]
+__all__ = ["REPO", "TRAIN_DIR", "TRAIN_FILES", "TRAJECTORIES", "UMI", "load_trajectories", "single_chain_indices"]
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_DIR = REPO / "tests" / "data" / "toolbench-train-example"
+#: The shipped GLPFT training pairs ``{input, target}``: the replay data of the end-to-end tests.
+#: They were built by α-UMi's own preprocessing, not by ``shared.prompts``, so a prompt that is
+#: wrong by one byte finds no recording and the test fails (an independent oracle).
+TRAIN_FILES = [TRAIN_DIR / f"train_{role}.json" for role in ("planner", "caller", "summarizer")]
 UMI = REPO / ".venv" / "bin" / "umi"
 
 RABBITMQ_HOST = os.environ.get("UMI_TEST_RABBITMQ_HOST", "127.0.0.1:5672")
@@ -75,9 +79,9 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def simulator_url() -> Iterator[str]:
-    """One SGLang simulator (all roles) replaying the bundled trajectories."""
+    """One SGLang simulator (all roles) replaying the shipped training pairs (:data:`TRAIN_FILES`)."""
     from services.simulator import SimulatorConfig, create_app
     from shared.asgi import ServerThread
 
-    with ServerThread(create_app(SimulatorConfig(data=[TRAJECTORIES]))) as server:
+    with ServerThread(create_app(SimulatorConfig(data=TRAIN_FILES))) as server:
         yield server.url

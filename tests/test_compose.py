@@ -53,3 +53,10 @@ def test_workers_wait_for_the_broker_and_the_migrations() -> None:
         assert depends["rabbitmq"]["condition"] == "service_healthy"
         assert depends["migrate"]["condition"] == "service_completed_successfully"
     assert services["migrate"]["command"] == ["umi", "db", "upgrade"]
+
+
+def test_the_sglang_servers_run_a_grammar_backend_that_compiles_the_callers_ebnf() -> None:
+    services = _compose()["services"]
+    for role in ("planner", "caller", "summarizer"):
+        command = services[f"sglang-{role}"]["command"]
+        assert re.search(r"--grammar-backend (xgrammar|llguidance)\b", command), f"sglang-{role}: {command}"

@@ -100,6 +100,7 @@ TOOL = {"Name": "get_weather_for_weather", "function": "Weather by city.", "inpu
         ({"query": "q", "tools": [TOOL], "history": [{"from": "caller", "value": "Action: x"}]}, "history", "must end where the planner acts next"),
         ({"query": "q", "tools": [TOOL], "history": [{"from": "robot", "value": "hi"}]}, "from", "Input should be 'user'"),
         ({"query": "q", "tools": [TOOL], "mode": "batch"}, "mode", "Input should be 'agent' or 'static_step'"),
+        ({"query": "q", "tools": [TOOL], "max_new_tokens": 4090}, "max_new_tokens", "leaves 6 of the 4096-token context"),
     ],
 )
 def test_bad_task_input_is_refused_naming_the_field(gateway: Any, body: dict[str, Any], field: str, message: str) -> None:

@@ -1,4 +1,10 @@
-"""Prompts longer than the context window minus the output budget are cut from the left (docs/architecture.md)."""
+"""Prompts longer than the context window minus the output budget are cut from the left.
+
+As the α-UMi reference keeps ``tokens[-max_len:]``. The tokenizer-free shortcut counts
+UTF-8 bytes, not characters: with Llama-2's byte fallback one emoji is four tokens (the
+simulator's pseudo-tokenizer models that). Where no ``/tokenize`` route exists (an SGLang
+router), the prompt is cut by its byte count instead.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import pytest
 from services.simulator import SimulatorConfig, create_app
 from shared import crud
 from shared.asgi import ServerThread, free_port
+from shared.context_window import PROMPT_OVERHEAD_TOKENS, cut_text_to_tokens, max_prompt_tokens
 from shared.db import session_scope
 from shared.llm import fit_to_context
 from shared.pipeline import JobOutcome, Runtime
@@ -77,3 +84,79 @@ def test_the_planner_step_of_a_long_trajectory_is_generated_from_the_cut_prompt(
     assert run_job(rt, job) is JobOutcome.STORED
     planner = stored_steps(rt, task.id)[-1]
     assert planner.role == "planner" and planner.prompt_tokens == CONTEXT - OUTPUT
+
+
+EMOJI = "\U0001F600"
+
+
+def test_an_emoji_prompt_that_fits_by_characters_but_not_by_tokens_is_cut(small_context_simulator: str) -> None:
+    budget = CONTEXT - OUTPUT
+    prompt = "history " + EMOJI * (budget // 2) + " question"  # ~half the budget in characters, ~2x in tokens
+    assert len(prompt) + 1 <= budget  # the old character shortcut would have sent it whole
+    with SGLangClient(small_context_simulator) as client:
+        assert client.tokenize(prompt).count > budget
+        fitted = fit_to_context(client, _request(prompt), context_length=CONTEXT)
+        assert fitted.text is None and len(fitted.input_ids) == budget
+        result = client.generate(fitted)
+    assert result.prompt_tokens == budget
+
+
+def test_the_byte_bound_never_undercounts() -> None:
+    from services.simulator import PseudoTokenizer
+
+    for text in ["plain ascii text", EMOJI * 7, "mixed é ü " + EMOJI + " 中文 text", "\u0000 nul", ""]:
+        assert PseudoTokenizer.count(text) + 1 <= max_prompt_tokens(text)
+        for budget in (3, 5, 11, 40):
+            cut = cut_text_to_tokens(text, budget)
+            assert text.endswith(cut) and max_prompt_tokens(cut) <= max(budget, PROMPT_OVERHEAD_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def router_without_tokenize() -> Iterator[str]:
+    """The simulator behind a front that has no ``/tokenize`` route, like an SGLang router."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    simulator = create_app(SimulatorConfig(data=[TRAJECTORIES], context_length=CONTEXT))
+
+    async def not_found(request: object) -> JSONResponse:
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+
+    front = Starlette(routes=[Route("/tokenize", not_found, methods=["POST"]), Mount("/", app=simulator)])
+    with ServerThread(front) as server:
+        yield server.url
+
+
+def test_without_tokenize_the_prompt_is_cut_by_its_byte_count_and_fits(router_without_tokenize: str) -> None:
+    prompt = "".join(f"line {i}: some history {EMOJI}\n" for i in range(200))
+    with SGLangClient(router_without_tokenize, max_retries=0) as client:
+        fitted = fit_to_context(client, _request(prompt), context_length=CONTEXT)
+        assert fitted.input_ids is None and fitted.text and prompt.endswith(fitted.text)
+        result = client.generate(fitted)  # the server accepts it: no context overflow
+    assert result.prompt_tokens <= CONTEXT - OUTPUT
+
+
+def test_a_task_whose_output_budget_leaves_no_room_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
+    from sqlmodel import Session, select
+
+    from shared.context_window import PromptDoesNotFit
+    from shared.models import Task
+    from shared.tasks import submit_task
+
+    settings = sqlite_settings(tmp_path, "http://127.0.0.1:9")
+    dispatcher = CollectingDispatcher()
+    rt = Runtime(settings=settings, dispatcher=dispatcher)
+    task_in = TaskCreate(query="q", tools=load_trajectories()[14]["tools"], max_new_tokens=settings.context_length - 10)
+    with pytest.raises(PromptDoesNotFit, match="max_new_tokens"):
+        submit_task(engine=rt.engine, dispatcher=dispatcher, settings=settings, task_in=task_in)
+    with Session(rt.engine) as session:
+        assert session.exec(select(Task)).all() == []
+    assert dispatcher.jobs == []
+
+
+def test_settings_that_leave_no_room_for_a_prompt_are_refused() -> None:
+    from shared.settings import ConfigurationError, load_settings
+
+    with pytest.raises(ConfigurationError, match="UMI_MAX_NEW_TOKENS / UMI_CONTEXT_LENGTH"):
+        load_settings(context_length=1024, max_new_tokens=1000)

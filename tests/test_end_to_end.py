@@ -1,9 +1,11 @@
 """The four services end to end on real RabbitMQ and PostgreSQL, replaying recorded trajectories.
 
 Every single-chain trajectory of raw_data_stage_2.json (one user turn) goes in as
-a task; the SGLang simulator replays the recorded model outputs for the exact
-prompts the services render and the mirror tools replay the recorded
-observations, so the stored trajectory and answer must equal the recording.
+a task; the SGLang simulator replays the shipped GLPFT training pairs
+(``{input, target}``, built by α-UMi's own preprocessing) for the exact prompts the
+services render — a prompt wrong by one byte finds no recording — and the mirror tools
+replay the recorded observations, so the stored trajectory and answer must equal the
+recording.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 
 from shared.db import get_engine
 from shared.models import Step, Task, ToolCall
 from shared.roles import StepRole
-from tests.conftest import TRAJECTORIES, UMI, load_trajectories, single_chain_indices
+from tests.conftest import TRAIN_FILES, TRAJECTORIES, UMI, load_trajectories, single_chain_indices
 from umi.deployment import Deployment
 
 ROLE_BY_SPEAKER = {"assistant": "planner", "caller": "caller", "observation": "tools", "conclusion": "summarizer"}
@@ -29,7 +31,9 @@ ROLE_BY_SPEAKER = {"assistant": "planner", "caller": "caller", "observation": "t
 
 @pytest.fixture(scope="module")
 def deployment(rabbitmq_url: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    system = Deployment(rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("logs"))
+    system = Deployment(
+        rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("logs"), simulator={"data": TRAIN_FILES}
+    )
     try:
         system.start_all_workers()
         yield system
@@ -61,6 +65,40 @@ def test_every_single_chain_trajectory_is_reproduced_exactly(deployment: Deploym
         assert stored == _expected_steps(record), f"trajectory {index} differs"
         assert task["answer"] == record["conversations"][-1]["value"]
         assert [step["index"] for step in task["steps"]] == list(range(len(record["conversations"])))
+
+
+@pytest.fixture(scope="module")
+def shaped_deployment(rabbitmq_url: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """The simulators answer as real checkpoints do: leading spaces, trailing newlines, blank planner answers."""
+    system = Deployment(
+        rabbitmq_url=rabbitmq_url,
+        postgres_url=postgres_url,
+        log_dir=tmp_path_factory.mktemp("shaped"),
+        simulator={"data": TRAIN_FILES, "checkpoint_shapes": True},
+    )
+    try:
+        system.start_all_workers()
+        yield system
+    finally:
+        system.close()
+
+
+def test_checkpoint_shaped_outputs_still_reproduce_every_trajectory_exactly(shaped_deployment: Deployment) -> None:
+    """Normalised as the reference does, so every later prompt is the recorded one (else the replay goes synthetic)."""
+    records = load_trajectories()
+    submitted = {
+        index: shaped_deployment.submit(records[index]["conversations"][0]["value"], records[index]["tools"], constrained=False)
+        for index in single_chain_indices()
+    }
+    for index, task_id in submitted.items():
+        task = shaped_deployment.wait(task_id)
+        assert task["status"] == "succeeded", (index, task)
+        assert [(step["role"], step["output"]) for step in task["steps"][1:]] == _expected_steps(records[index]), index
+    engine = get_engine(shaped_deployment.settings.database_url)
+    with Session(engine) as session:
+        steps = session.exec(select(Step).where(col(Step.task_id).in_([uuid.UUID(t) for t in submitted.values()]))).all()
+    assert any(step.raw_output not in (None, step.output) for step in steps)  # the shapes were there
+    assert any(step.role == "planner" and (step.attempts or 0) > 1 for step in steps)  # blank answers were asked again
 
 
 def test_every_trajectory_continues_exactly_from_its_last_user_turn(deployment: Deployment) -> None:
@@ -100,7 +138,8 @@ def test_each_tool_call_ran_once_and_is_recorded(deployment: Deployment) -> None
 def slow_deployment(rabbitmq_url: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """LLM calls take ~1.5 s here, so tests can act while a step is in flight."""
     system = Deployment(
-        rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("slow"), simulator={"ttft_s": 1.5}
+        rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("slow"),
+        simulator={"ttft_s": 1.5, "data": TRAIN_FILES},
     )
     try:
         system.start_all_workers()

@@ -122,6 +122,20 @@ def test_a_planner_give_up_ends_the_task_as_gave_up() -> None:
         assert (draft.end_status, draft.end_reason, draft.next_role, draft.output) == ("gave_up", "planner_gave_up", "give up", text)
 
 
+def test_the_replay_oracle_is_independent_of_the_prompt_code(tmp_path: Path, simulator_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator replays α-UMi's own training pairs: one changed byte in a template breaks the replay."""
+    from shared import prompts
+
+    monkeypatch.setattr(prompts, "PLANNER_TEMPLATE", prompts.PLANNER_TEMPLATE.replace("assess", "access", 1))
+    dispatcher = CollectingDispatcher()
+    rt = Runtime(settings=sqlite_settings(tmp_path, simulator_url), dispatcher=dispatcher)
+    record = load_trajectories()[2]
+    task_id = create_task(rt, record)
+    assert run_job(rt, StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)) is JobOutcome.STORED
+    planner = stored_steps(rt, task_id)[1]
+    assert planner.output != record["conversations"][1]["value"]
+
+
 def test_an_in_place_retry_after_a_failed_store_keeps_the_call_it_made(
     tmp_path: Path, simulator_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

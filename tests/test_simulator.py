@@ -124,8 +124,8 @@ def test_every_recorded_decision_point_replays_exactly(client: httpx.Client, rol
         meta = out["meta_info"]
         assert meta["finish_reason"] == {"type": "stop", "matched": EOS}
         assert meta["simulator"] == {"source": "recorded"}
-        assert meta["prompt_tokens"] == math.ceil(len(point["prompt"]) / 4)
-        assert meta["completion_tokens"] == math.ceil(len(point["value"]) / 4) + 1 == len(out["output_ids"])
+        assert meta["prompt_tokens"] == PseudoTokenizer.count(point["prompt"])
+        assert meta["completion_tokens"] == PseudoTokenizer.count(point["value"]) + 1 == len(out["output_ids"])
         assert out["output_ids"][-1] == EOS
 
 
@@ -501,7 +501,7 @@ def test_streaming_sends_cumulative_chunks_then_done(client: httpx.Client) -> No
         assert response.headers["content-type"].startswith("text/event-stream")
         text = "".join(response.iter_text())
     chunks = _sse_events(text)
-    total = math.ceil(len(point["value"]) / 4) + 1
+    total = PseudoTokenizer.count(point["value"]) + 1
     assert len(chunks) == math.ceil(total / 3)
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
     assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": EOS}
@@ -585,7 +585,7 @@ def test_v1_completions(client: httpx.Client) -> None:
     (choice,) = out["choices"]
     assert (choice["text"], choice["finish_reason"], choice["matched_stop"]) == (point["value"], "stop", EOS)
     usage = out["usage"]
-    assert usage["prompt_tokens"] == math.ceil(len(point["prompt"]) / 4)
+    assert usage["prompt_tokens"] == PseudoTokenizer.count(point["prompt"])
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
     short = client.post("/v1/completions", json={"model": "m", "prompt": point["prompt"]}).json()

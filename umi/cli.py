@@ -317,12 +317,19 @@ def _read_json_list(path: Path, what: str) -> list[Any]:
 def _cmd_eval_static(args: argparse.Namespace) -> int:
     from evaluation.metrics import metrics_table, score_predictions
     from evaluation.static import StaticEvalOptions, decision_points, run_static_eval, write_results
+    from shared.context_window import PromptDoesNotFit
 
     records = _read_json_list(args.data, "--data")
-    try:
-        points = decision_points(records, limit=args.limit)
-    except (KeyError, ValidationError) as exc:
-        raise UsageError(f"--data: {args.data} is not an α-UMi test file: {exc}") from None
+    found = decision_points(records, limit=args.limit)
+    points = found.points
+    for skipped in found.skipped:
+        where = f"record {skipped.record_index}" + (f", turn {skipped.turn_index}" if skipped.turn_index is not None else "")
+        print(f"  skipped {where}: {skipped.reason}", file=sys.stderr)
+    if not points:
+        raise UsageError(
+            f"--data: {args.data} is not an α-UMi test file: no decision point this evaluation can use "
+            f"({len(found.skipped)} records or points skipped)"
+        )
     options = StaticEvalOptions(
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
@@ -330,16 +337,21 @@ def _cmd_eval_static(args: argparse.Namespace) -> int:
         constrained=args.constrained,
         concurrency=args.concurrency,
     )
-    print(f"{len(points)} decision points from {args.data}", file=sys.stderr)
+    print(f"{len(points)} decision points from {args.data} ({len(found.skipped)} skipped)", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, total // 20) == 0:
             print(f"  {done}/{total} decision points", file=sys.stderr, flush=True)
 
     with _evaluation_system(args, concurrency=args.concurrency) as (engine, dispatcher, settings):
-        predictions = run_static_eval(points, engine=engine, dispatcher=dispatcher, settings=settings, options=options, progress=progress)
+        try:
+            predictions = run_static_eval(
+                points, engine=engine, dispatcher=dispatcher, settings=settings, options=options, progress=progress
+            )
+        except PromptDoesNotFit as exc:
+            raise UsageError(f"--max-new-tokens: {exc}") from None
     metrics = score_predictions(predictions)
-    write_results(args.out, predictions, metrics)
+    write_results(args.out, predictions, metrics, found.skipped)
     print(metrics_table(metrics, compare=PAPER_ROWS.get(args.compare)))
     print(f"wrote {args.out / 'predictions.json'} and {args.out / 'metrics.json'}")
     return 0

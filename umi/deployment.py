@@ -29,6 +29,7 @@ from shared.roles import LLMRole, StepRole
 from shared.settings import Settings, load_settings
 from shared.topology import QUEUE_ROLES, Topology
 
+
 class Deployment:
     """Simulators + gateway in this process, one worker process per role."""
 
@@ -41,10 +42,11 @@ class Deployment:
         simulator: dict[str, Any] | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
-        """``settings`` are extra settings fields, given to the workers as ``UMI_*`` variables too."""
+        """``simulator`` are simulator config fields (``data`` replaces the bundled trajectories);
+        ``settings`` are extra settings fields, given to the workers as ``UMI_*`` variables too."""
         self.log_dir = log_dir
         self.simulators = {
-            role: ServerThread(create_simulator(SimulatorConfig(data=[TRAJECTORIES], role=role.value, **(simulator or {}))))
+            role: ServerThread(create_simulator(SimulatorConfig.model_validate({"data": [TRAJECTORIES], "role": role.value, **(simulator or {})})))
             for role in LLMRole
         }
         for server in self.simulators.values():

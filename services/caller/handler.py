@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from shared.crud import steps_to_turns
+from shared.lifecycle import EndReason
 from shared.llm_step import run_llm_step
+from shared.models import TaskMode
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft
 from shared.prompts import parse_caller_output, render_caller_prompt
 from shared.roles import LLMRole, StepRole
-from shared.lifecycle import EndReason
-from shared.models import TaskMode
 from shared.schemas import StepJob
 
 __all__ = ["handle_caller_job"]

@@ -8,7 +8,8 @@ from __future__ import annotations
 from celery import Celery
 
 from services.caller.handler import handle_caller_job
-from shared.roles import StepRole
+from shared.llm_step import grammar_backend_check
+from shared.roles import LLMRole, StepRole
 from shared.settings import Settings, get_settings
 from shared.worker import create_worker_app
 
@@ -17,4 +18,6 @@ ROLE = StepRole.CALLER
 
 def create_app(settings: Settings | None = None) -> Celery:
     """The caller worker's Celery app, consuming ``umi.caller``."""
-    return create_worker_app(ROLE, handle_caller_job, settings or get_settings())
+    return create_worker_app(
+        ROLE, handle_caller_job, settings or get_settings(), start_up=grammar_backend_check(LLMRole.CALLER)
+    )

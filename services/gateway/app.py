@@ -22,6 +22,7 @@ from fastapi import FastAPI, HTTPException, Request, status
 from services.gateway.sweep import DeadlineSweeper
 from shared import crud
 from shared.celery_app import create_celery_app
+from shared.context_window import PromptDoesNotFit
 from shared.db import ensure_schema_current, get_engine, session_scope
 from shared.dispatch import CeleryDispatcher, Dispatcher
 from shared.schemas import TaskAccepted, TaskCreate, TaskPublic
@@ -65,6 +66,10 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             task = submit_task(
                 engine=request.app.state.engine, dispatcher=request.app.state.dispatcher, settings=settings, task_in=task_in
             )
+        except PromptDoesNotFit as exc:
+            # The same shape as FastAPI's own 422s, naming the field.
+            detail = [{"type": "value_error", "loc": ["body", "max_new_tokens"], "msg": str(exc)}]
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from exc
         except EnqueueError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
         return TaskAccepted(id=task.id, status=task.status)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from shared.crud import steps_to_turns
+from shared.lifecycle import EndReason
 from shared.llm_step import run_llm_step
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft
 from shared.prompts import NextRole, parse_planner_output, render_planner_prompt
 from shared.roles import LLMRole, StepRole
-from shared.lifecycle import EndReason
 from shared.schemas import StepJob
 
 __all__ = ["handle_planner_job", "interpret_planner_output"]
@@ -19,7 +19,7 @@ def render(context: StepContext) -> str:
 
 
 def interpret_planner_output(generated: str, _context: StepContext | None = None) -> StepDraft:
-    """A planner step; ``Next: give up.`` ends the task as given up."""
+    """A planner step from the normalised output; ``Next: give up.`` ends the task as given up."""
     decision = parse_planner_output(generated)
     gave_up = decision.next is NextRole.GIVE_UP
     return StepDraft(

@@ -29,6 +29,11 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--max-queued-requests", type=int, default=None)
     parser.add_argument("--prefix-cache-tokens", type=int, default=None)
     parser.add_argument("--stream-interval", type=int, default=1)
+    parser.add_argument("--grammar-backend", choices=["xgrammar", "llguidance", "outlines", "none"], default=None,
+                        help="the SGLang grammar backend to behave as (default llguidance)")
+    parser.add_argument("--checkpoint-shapes", action="store_true",
+                        help="answer like real checkpoints on SGLang: leading space, trailing newline, "
+                             "an occasional blank planner answer")
     return parser
 
 
@@ -54,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         "max_queued_requests": args.max_queued_requests,
         "prefix_cache_tokens": args.prefix_cache_tokens,
         "stream_interval": args.stream_interval,
+        "checkpoint_shapes": args.checkpoint_shapes,
+        "grammar_backend": args.grammar_backend,
     }
     return SimulatorConfig.model_validate({key: value for key, value in fields.items() if value is not None})
 

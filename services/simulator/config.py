@@ -21,7 +21,7 @@ Usage::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -126,6 +126,15 @@ class SimulatorConfig(BaseModel):
 
     #: Prefix-cache (radix tree) capacity in tokens; 0 disables the cache.
     prefix_cache_tokens: int = Field(default=100_000, ge=0)
+    #: Answer in the shapes real checkpoints on SGLang produce: a leading space (SGLang decodes
+    #: the first output token with the prompt's last ones), a trailing newline, and now and
+    #: then a blank first planner answer (only where the request's constraint allows it).
+    checkpoint_shapes: bool = False
+    #: The ``--grammar-backend`` the simulated server reports and behaves as. Grammars are compiled
+    #: with llguidance (SGLang's ``llguidance`` backend, which accepts what ``xgrammar`` does for the
+    #: product's constraints); ``outlines`` aborts EBNF requests and ``none`` every grammar request,
+    #: with SGLang's messages.
+    grammar_backend: Literal["xgrammar", "llguidance", "outlines", "none"] = "llguidance"
     #: Tokens per streamed chunk (SGLang's ``--stream-interval``).
     stream_interval: int = Field(default=1, ge=1)
 

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from services.simulator.tokenizer import CHARS_PER_TOKEN, EOS_TOKEN_ID, PseudoTokenizer
+from services.simulator.tokenizer import EOS_TOKEN_ID, PseudoTokenizer
 
 __all__ = ["Completion", "DecodeOptions", "decode_continuation"]
 
@@ -57,7 +57,7 @@ class Completion:
         """Cumulative text and ids after ``tokens`` tokens (for streaming); never shows trimmed text."""
         if tokens >= len(self.output_ids):
             return self.text, list(self.output_ids)
-        return self.text[: CHARS_PER_TOKEN * tokens], self.output_ids[:tokens]
+        return PseudoTokenizer.text_through(self.text, tokens), self.output_ids[:tokens]
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def _length_finish(continuation: str, content_ids: list[int], options: DecodeOpt
     ids = content_ids[:limit]
     if options.ignore_eos:
         ids += [EOS_TOKEN_ID] * (limit - len(ids))
-    return Completion(continuation[: CHARS_PER_TOKEN * limit], ids, {"type": "length", "length": limit})
+    return Completion(PseudoTokenizer.text_through(continuation, limit), ids, {"type": "length", "length": limit})
 
 
 def _string_stops(continuation: str, content_ids: list[int], options: DecodeOptions) -> list[_Stop]:
@@ -96,8 +96,8 @@ def _string_stops(continuation: str, content_ids: list[int], options: DecodeOpti
             matches.append((match.start(), match.end(), pattern))
     stops = []
     for start, end, matched in matches:
-        tokens = PseudoTokenizer.tokens_through(end)
-        text = continuation[: CHARS_PER_TOKEN * tokens] if options.no_stop_trim else continuation[:start]
+        tokens = PseudoTokenizer.tokens_through(continuation, end)
+        text = PseudoTokenizer.text_through(continuation, tokens) if options.no_stop_trim else continuation[:start]
         completion = Completion(text, content_ids[:tokens], {"type": "stop", "matched": matched})
         stops.append(_Stop(tokens, _STRING_STOP, start, completion))
     return stops
@@ -108,7 +108,7 @@ def _token_stops(continuation: str, content_ids: list[int], options: DecodeOptio
         return []
     for index, token_id in enumerate(content_ids):
         if token_id in options.stop_token_ids:
-            text = continuation[: CHARS_PER_TOKEN * index]
+            text = PseudoTokenizer.text_through(continuation, index)
             completion = Completion(text, content_ids[: index + 1], {"type": "stop", "matched": token_id})
             return [_Stop(index + 1, _TOKEN_STOP, len(text), completion)]
     completion = Completion(continuation, [*content_ids, EOS_TOKEN_ID], {"type": "stop", "matched": EOS_TOKEN_ID})

@@ -14,6 +14,9 @@ completion_tokens``. Outputs are SGLang's ``/generate`` dicts, with
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -31,10 +34,11 @@ from services.simulator.errors import RequestValueError, SchedulerAbort
 from services.simulator.metrics import SimulatorMetrics
 from services.simulator.prefix_cache import RadixCache
 from services.simulator.protocol import GenerateItem, GenerateRequest, SamplingParams, resolve_sampling_params
-from services.simulator.replay import ReplayIndex
+from services.simulator.replay import Recording, ReplayIndex
 from services.simulator.scheduler import Admission, QueueFull, pause
 from services.simulator.synthetic import SyntheticUnavailable, synthesize
 from services.simulator.tokenizer import PseudoTokenizer
+from shared.roles import LLMRole
 
 __all__ = ["Answer", "PreparedItem", "SimulatorEngine"]
 
@@ -48,6 +52,13 @@ class Answer:
 
     text: str
     source: str  # "recorded" | "synthetic"
+
+
+#: SGLang's abort for any grammar request on a server started with ``--grammar-backend none``.
+GRAMMAR_BACKEND_NONE_MESSAGE = (
+    "Grammar-based generation (json_schema, regex, ebnf, structural_tag) is not supported when the server is "
+    "launched with --grammar-backend none"
+)
 
 
 @dataclass
@@ -84,6 +95,9 @@ class SimulatorEngine:
             queued=lambda: self.admission.waiting,
         )
         self.inflight: dict[str, PreparedItem] = {}
+        #: How often each prompt was asked (``checkpoint_shapes``: only a first ask may be blank).
+        self._asks: collections.Counter[str] = collections.Counter()
+        self._asks_lock = threading.Lock()
 
     # --- validation ---------------------------------------------------------------
 
@@ -148,17 +162,48 @@ class SimulatorEngine:
                     f"SGLang simulator: the recorded continuation for this prompt ({recording.source}) violates "
                     f"the request's {constraint.kind} constraint, so a real server could not have produced it."
                 )
-            return Answer(recording.continuation, "recorded")
+            text = recording.continuation
+            if self.config.checkpoint_shapes:
+                text = self._checkpoint_shape(prepared, recording, constraint)
+            return Answer(text, "recorded")
         try:
             return Answer(synthesize(prepared.prompt_text, constraint), "synthetic")
         except SyntheticUnavailable as exc:
             raise SchedulerAbort(str(exc)) from exc
 
-    @staticmethod
-    def _constraint(params: SamplingParams) -> Constraint | None:
+    def _checkpoint_shape(self, prepared: PreparedItem, recording: Recording, constraint: Constraint | None) -> str:
+        """The recorded continuation as a real checkpoint on SGLang tends to return it.
+
+        A deterministic choice per prompt, so tests replay the same way every run: every
+        answer gets a leading space and a trailing newline, and about one planner prompt in
+        three is answered blank the first time it is asked (``" "``, ``" ."`` or ``",\\n"``:
+        one token at least, as ``min_new_tokens: 1`` demands). A
+        shape the request's constraint would not let a real server produce is not used.
+        """
+        with self._asks_lock:
+            self._asks[prepared.prompt_text] += 1
+            first_ask = self._asks[prepared.prompt_text] == 1
+        digest = hashlib.blake2b(prepared.prompt_text.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+        pick = int.from_bytes(digest, "big")
+        candidates = [" " + recording.continuation + "\n", " " + recording.continuation, recording.continuation]
+        if recording.role is LLMRole.PLANNER and first_ask and pick % 3 == 0:
+            candidates.insert(0, (" ", " .", ",\n")[pick // 3 % 3])
+        spec = prepared.params.constraint
+        for text in candidates:
+            if constraint is None or spec is None or constraint_accepts(*spec, text):
+                return text
+        return recording.continuation
+
+    def _constraint(self, params: SamplingParams) -> Constraint | None:
         spec = params.constraint
         if spec is None:
             return None
+        backend = self.config.grammar_backend
+        if backend == "none":
+            raise SchedulerAbort(GRAMMAR_BACKEND_NONE_MESSAGE)
+        if backend == "outlines" and spec[0] == "ebnf":
+            # SGLang's outlines backend "skips" EBNF into an invalid grammar, which aborts the request.
+            raise SchedulerAbort("Failed to compile ebnf grammar: Unknown grammar error")
         try:
             return compile_constraint(*spec)
         except ConstraintCompileError as exc:

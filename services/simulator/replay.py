@@ -70,7 +70,7 @@ def trajectory_decision_points(record: dict[str, Any]) -> Iterator[tuple[LLMRole
         yield call.role, call.prompt, call.continuation
 
 
-def load_records(path: Path) -> list[dict[str, Any]]:
+def load_records(path: Path) -> list[Any]:
     """The records of a JSON-list or JSON-Lines file."""
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
@@ -78,12 +78,14 @@ def load_records(path: Path) -> list[dict[str, Any]]:
         data = json.loads(text)
     else:
         data = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+    if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list (or JSON Lines) of objects")
-    return data
+    return data  # a record that is no object is reported by ReplayIndex.from_files
 
 
-def _record_points(record: dict[str, Any]) -> Iterable[tuple[LLMRole | None, str, str]]:
+def _record_points(record: Any) -> Iterable[tuple[LLMRole | None, str, str]]:
+    if not isinstance(record, dict):
+        raise TypeError(f"a record must be a JSON object, not {type(record).__name__}")
     if "conversations" in record:
         return trajectory_decision_points(record)
     if "input" in record and "target" in record:
@@ -102,12 +104,21 @@ class ReplayIndex:
     def from_files(cls, paths: Iterable[Path], role: LLMRole | None = None) -> ReplayIndex:
         """Index every decision point in ``paths``, keeping only ``role``'s prompts when given."""
         index = cls()
+        unusable: list[str] = []
         for path in paths:
             for number, record in enumerate(load_records(Path(path))):
                 source = f"{Path(path).name}#{number}"
-                for point_role, prompt, continuation in _record_points(record):
+                try:
+                    points = list(_record_points(record))
+                except (KeyError, TypeError, ValueError) as exc:
+                    # One malformed record of a public test file must not take the simulator down.
+                    unusable.append(f"{source}: {exc!r}"[:300])
+                    continue
+                for point_role, prompt, continuation in points:
                     if role is None or point_role is role:
                         index.add(prompt, Recording(continuation, point_role, source))
+        if unusable:
+            log.warning("simulator: %d records could not be replayed, e.g. %s", len(unusable), unusable[0])
         if index.conflicts:
             log.warning("simulator: %d prompts were recorded twice, differently; kept the first", index.conflicts)
         return index

@@ -332,7 +332,7 @@ def _server_info(engine: SimulatorEngine, started: float) -> dict[str, Any]:
         "disable_radix_cache": config.prefix_cache_tokens == 0,
         "stream_interval": config.stream_interval,
         "api_key": "<redacted>" if config.api_key else None,
-        "grammar_backend": "llguidance",
+        "grammar_backend": config.grammar_backend,
         "latency": config.latency.model_dump(),
         "simulator": {
             "role": config.role.value if config.role else None,

@@ -1,16 +1,25 @@
 """A deterministic pseudo-tokenizer for the SGLang **simulator** (no real vocabulary).
 
-Text is cut into pieces of :data:`CHARS_PER_TOKEN` characters from its start
-(about what Llama-2's tokenizer averages on English), and each piece maps to a
-stable id in ``[3, VOCAB_SIZE)`` (ids 0-2 are Llama-2's ``<unk>``, ``<s>`` and
-``</s>``). Cutting from the start makes the tokenizer concatenation-friendly: a
-prompt that extends an earlier prompt shares all of the earlier prompt's full
-pieces, which is what the simulated prefix cache needs. Counts are used for
+ASCII text is cut into pieces of up to :data:`CHARS_PER_TOKEN` characters (about what
+Llama-2's tokenizer averages on English), each mapped to a stable hashed id. Another
+character of the Basic Multilingual Plane is a token of its own (Llama-2 knows most
+letters and common CJK characters singly). A character beyond it (emoji, rare CJK)
+becomes one token per UTF-8 byte, as Llama-2's SentencePiece byte fallback does for
+characters outside its vocabulary — one character, four tokens — so a client that
+assumes "one character is at least one token" overflows the context here as it would
+on a real checkpoint.
+Ids follow Llama-2's layout: 0-2 ``<unk>``, ``<s>``, ``</s>``; 3-258 the byte tokens
+``<0x00>``-``<0xFF>``; pieces above.
+
+Pieces are cut from the text's start, so the tokenizer is concatenation-friendly: a
+prompt that extends an earlier prompt shares all of the earlier prompt's full pieces,
+which is what the simulated prefix cache needs. Counts are used for
 ``prompt_tokens``/``completion_tokens``, context-length checks and latency.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 from collections.abc import Sequence
@@ -23,7 +32,8 @@ UNK_TOKEN_ID = 0
 BOS_TOKEN_ID = 1
 #: Llama-2's end-of-sequence id, reported as ``finish_reason.matched`` when a continuation ends naturally.
 EOS_TOKEN_ID = 2
-_FIRST_PIECE_ID = 3
+_FIRST_BYTE_ID = 3
+_FIRST_PIECE_ID = _FIRST_BYTE_ID + 256
 
 
 @functools.lru_cache(maxsize=65536)
@@ -32,36 +42,93 @@ def _piece_id(piece: str) -> int:
     return _FIRST_PIECE_ID + int.from_bytes(digest, "big") % (VOCAB_SIZE - _FIRST_PIECE_ID)
 
 
+@functools.lru_cache(maxsize=256)
+def _tokenize(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Token ids and, for each token, the character offset where the text it completes ends."""
+    if text.isascii():  # the common case, without the per-character loop
+        ends_ascii = tuple(range(CHARS_PER_TOKEN, len(text), CHARS_PER_TOKEN)) + ((len(text),) if text else ())
+        starts = range(0, len(text), CHARS_PER_TOKEN)
+        return tuple(_piece_id(text[i : i + CHARS_PER_TOKEN]) for i in starts), ends_ascii
+    ids: list[int] = []
+    ends: list[int] = []
+    run_start = None
+    for pos, char in enumerate(text):
+        if char.isascii():
+            if run_start is None:
+                run_start = pos
+            if pos + 1 - run_start == CHARS_PER_TOKEN:
+                ids.append(_piece_id(text[run_start : pos + 1]))
+                ends.append(pos + 1)
+                run_start = None
+            continue
+        if run_start is not None:
+            ids.append(_piece_id(text[run_start:pos]))
+            ends.append(pos)
+            run_start = None
+        if ord(char) <= 0xFFFF:
+            ids.append(_piece_id(char))
+            ends.append(pos + 1)
+            continue
+        encoded = char.encode("utf-8", "surrogatepass")
+        ids.extend(_FIRST_BYTE_ID + byte for byte in encoded)
+        # A character's text is out only with its last byte token.
+        ends.extend([pos] * (len(encoded) - 1) + [pos + 1])
+    if run_start is not None:
+        ids.append(_piece_id(text[run_start:]))
+        ends.append(len(text))
+    return tuple(ids), tuple(ends)
+
+
 class PseudoTokenizer:
-    """Fixed-width pieces with hashed ids; remembers pieces it has produced so it can decode them."""
+    """Hashed ids for ASCII pieces and other BMP characters, byte tokens beyond; remembers pieces to decode them."""
 
     def __init__(self) -> None:
         self._pieces: dict[int, str] = {}
 
-    @staticmethod
-    def split(text: str) -> list[str]:
-        """The text's pieces (the last one may be shorter)."""
-        return [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
-
     def encode(self, text: str) -> list[int]:
         """Token ids for ``text`` (no BOS token is added)."""
-        ids = []
-        for piece in self.split(text):
-            token_id = _piece_id(piece)
-            self._pieces.setdefault(token_id, piece)
-            ids.append(token_id)
-        return ids
+        ids, ends = _tokenize(text)
+        start = 0
+        for token_id, end in zip(ids, ends, strict=True):
+            if token_id >= _FIRST_PIECE_ID:
+                self._pieces.setdefault(token_id, text[start:end])
+            start = end
+        return list(ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text for ``ids``; special tokens are skipped and ids never produced here decode to U+FFFD."""
-        return "".join(self._pieces.get(token_id, "\ufffd") for token_id in ids if token_id >= _FIRST_PIECE_ID)
+        """Text for ``ids``; special tokens are skipped, byte runs decode as UTF-8, unknown ids as U+FFFD."""
+        out: list[str] = []
+        pending = bytearray()
+        for token_id in ids:
+            if _FIRST_BYTE_ID <= token_id < _FIRST_PIECE_ID:
+                pending.append(token_id - _FIRST_BYTE_ID)
+                continue
+            if pending:
+                out.append(pending.decode("utf-8", "replace"))
+                pending.clear()
+            if token_id >= _FIRST_PIECE_ID:
+                out.append(self._pieces.get(token_id, "\ufffd"))
+        if pending:
+            out.append(pending.decode("utf-8", "replace"))
+        return "".join(out)
 
     @staticmethod
     def count(text: str) -> int:
         """Number of tokens ``text`` encodes to."""
-        return -(-len(text) // CHARS_PER_TOKEN)
+        return len(_tokenize(text)[0])
 
     @staticmethod
-    def tokens_through(char_end: int) -> int:
-        """How many tokens must be generated before the first ``char_end`` characters are out."""
-        return -(-char_end // CHARS_PER_TOKEN)
+    def text_through(text: str, tokens: int) -> str:
+        """The text that is out after the first ``tokens`` tokens of ``text``."""
+        if tokens <= 0:
+            return ""
+        ends = _tokenize(text)[1]
+        return text if tokens >= len(ends) else text[: ends[tokens - 1]]
+
+    @staticmethod
+    def tokens_through(text: str, char_end: int) -> int:
+        """How many tokens of ``text`` must be generated before its first ``char_end`` characters are out."""
+        if char_end <= 0:
+            return 0
+        ends = _tokenize(text)[1]
+        return bisect.bisect_left(ends, char_end) + 1

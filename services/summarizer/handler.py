@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from shared.crud import steps_to_turns
+from shared.lifecycle import EndReason
 from shared.llm_step import run_llm_step
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft
 from shared.prompts import render_summarizer_prompt
 from shared.roles import LLMRole, StepRole
-from shared.lifecycle import EndReason
 from shared.schemas import StepJob
 
 __all__ = ["handle_summarizer_job"]
