@@ -23,7 +23,7 @@ import uuid
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from shared import crud
 from shared.db import session_scope
@@ -80,8 +80,8 @@ class DeadlineSweeper:
         if connection is not None:
             try:
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SWEEP_LOCK_KEY})
-            except DBAPIError:
-                pass  # the connection is gone, and the lock with it
+            except SQLAlchemyError:
+                pass  # the connection is gone (or its transaction is), and the lock with it
             finally:
                 connection.invalidate()  # never back to the pool holding a session lock
                 connection.close()
