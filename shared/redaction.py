@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlsplit
 
 from pydantic import SecretStr
 
@@ -139,6 +139,19 @@ def bound_text(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:
 
 
 def secrets_redactor(settings: object) -> Redactor:
-    """A redactor for every secret in the settings (each ``SecretStr`` field, e.g. ``UMI_LLM_API_KEY``)."""
-    values = [value for value in vars(settings).values() if isinstance(value, SecretStr)]
+    """A redactor for every secret in the settings.
+
+    Each ``SecretStr`` field (e.g. ``UMI_LLM_API_KEY``), and the password of every URL
+    setting that carries one (``UMI_DATABASE_URL``, an ``UMI_*_LLM_URL`` behind basic
+    auth, …), since error texts and logs quote URLs.
+    """
+    values: list[str | SecretStr | None] = []
+    for value in vars(settings).values():
+        if isinstance(value, SecretStr):
+            values.append(value)
+        elif isinstance(value, str) and "://" in value:
+            try:
+                values.append(urlsplit(value).password)
+            except ValueError:  # not a URL after all
+                continue
     return Redactor(values)

@@ -173,3 +173,21 @@ def test_the_api_answer_never_holds_the_key_or_the_whole_body(
     assert_clean(response.text)
     assert_logs_clean(caplog.records)
     rt.close()
+
+
+def test_a_password_in_an_llm_url_never_reaches_the_stored_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An SGLang server behind basic auth: its URL's password is masked like any secret setting."""
+    from shared.asgi import free_port
+
+    password = "pa55-in-the-url"
+    settings = sqlite_settings(tmp_path, f"http://umi:{password}@127.0.0.1:{free_port()}", llm_max_retries=0)
+    rt = Runtime(settings=settings, dispatcher=CollectingDispatcher())
+    task_id = create_task(rt, load_trajectories()[0])
+    with caplog.at_level(logging.DEBUG):
+        assert run_job(rt, StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)) is JobOutcome.TASK_ENDED
+    with Session(rt.engine) as session:
+        task = crud.get_task(session=session, task_id=task_id)
+    assert task is not None and task.error is not None and "SGLang at" in task.error
+    assert password not in task.error and "***" in task.error
+    assert all(password not in record.getMessage() for record in caplog.records)
+    rt.close()
