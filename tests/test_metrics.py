@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import time
 import uuid
 from collections import Counter
@@ -17,15 +18,27 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
-from shared.db import get_engine
+from shared import crud, lifecycle
+from shared.db import get_engine, session_scope
+from shared.lifecycle import Actor, EndReason
+from shared.metrics import serve_metrics
 from shared.models import Step, Task, ToolCall
+from shared.pipeline import JobOutcome, Runtime
 from shared.roles import StepRole
+from shared.schemas import StepJob, TaskCreate
+from shared.settings import ConfigurationError, load_settings
 from shared.topology import task_name
+from shared.worker import run_job
 from tests.conftest import load_trajectories, single_chain_indices
 from tests.messages import celery_body, celery_headers, confirmed_channel, publish
+from tests.pipeline_helpers import CollectingDispatcher
+from umi.cli import main
 from umi.deployment import Deployment
 
 #: A sample: its name and labels.
@@ -170,3 +183,54 @@ def test_tasks_the_gateway_ends_are_counted_once_by_final_status(deployment: Dep
         {("umi_tasks_total", (("status", status),)): count for status, count in statuses.items()}
         | {("umi_tasks_total", ()): len(task_ids), ("umi_task_steps_count", ()): len(task_ids)},
     )
+
+
+def test_a_metrics_port_that_cannot_be_served_is_an_error_naming_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", "caller", "--metrics-port", "70000"]) == 2
+    assert "UMI_METRICS_PORT" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigurationError, match="UMI_METRICS_PORT"):
+            serve_metrics(taken.getsockname()[1], host="127.0.0.1")
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _new_task(engine: Engine) -> uuid.UUID:
+    record = load_trajectories()[single_chain_indices()[0]]
+    with session_scope(engine) as session:
+        task = crud.create_task(
+            session=session, task_in=TaskCreate(query="q", tools=record["tools"]), max_steps=12, timeout_s=60, constrained=True
+        )
+        return task.id
+
+
+def test_in_place_retries_and_a_task_end_are_counted_once_committed(postgres_url: str) -> None:
+    rt = Runtime(settings=load_settings(database_url=postgres_url, infra_retry_s=20), dispatcher=CollectingDispatcher())
+    outage = OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+    failures = [outage, outage, RuntimeError("boom")]
+
+    def handler(job: StepJob, rt: Runtime, *, redelivered: bool = False) -> JobOutcome:
+        raise failures.pop(0)
+
+    retries, failed, steps = _sample("umi_retries_total", role="caller", kind="in_place"), _sample("umi_tasks_total", status="failed"), _sample("umi_task_steps_sum")
+    job = StepJob(task_id=_new_task(rt.engine), step_index=1, role=StepRole.CALLER)
+    assert run_job(handler, job, rt, redelivered=False) is JobOutcome.TASK_ENDED  # two outages retried, then ended
+    assert _sample("umi_retries_total", role="caller", kind="in_place") - retries == 2
+    assert _sample("umi_tasks_total", status="failed") - failed == 1
+    assert _sample("umi_task_steps_sum") - steps == 1  # step 0, the query
+
+    # An end rolled back is no end: nothing is counted.
+    cancelled = _sample("umi_tasks_total", status="cancelled")
+    task_id = _new_task(rt.engine)
+    with Session(rt.engine) as session:
+        task = session.get(Task, task_id)
+        assert task is not None
+        lifecycle.finish(task, reason=EndReason.CANCELLED, by=Actor.CLIENT)
+        session.flush()
+        session.rollback()
+    assert _sample("umi_tasks_total", status="cancelled") == cancelled
+    rt.close()
