@@ -30,6 +30,7 @@ from kombu.message import Message
 
 from shared.dead_letters import publish_dead_letter
 from shared.envelope import refusal_reason
+from shared.metrics import DeadLetterKind, observe_dead_letter
 from shared.roles import StepRole
 from shared.settings import Settings
 from shared.topology import QUEUE_ROLES, Topology, task_name
@@ -93,9 +94,10 @@ def worker_node_name(role: StepRole) -> str:
     return f"{role.value}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}.{os.getpid()}"
 
 
-def dead_letter_message(app: Celery, message: Message, reason: str) -> None:
+def dead_letter_message(app: Celery, message: Message, reason: str, *, kind: DeadLetterKind = DeadLetterKind.MALFORMED) -> None:
     """Republish ``message`` whole (body, content type and encoding, headers) to the dead-letter queue.
 
+    Counted in ``umi_dead_letters_total`` under ``kind`` (the reason text is too varied for a label).
     Does not ack it: the caller does (the consumer at once, the step task through Celery's late ack).
     """
     settings: Settings = app.conf.umi_settings
@@ -112,6 +114,7 @@ def dead_letter_message(app: Celery, message: Message, reason: str) -> None:
             content_encoding=message.content_encoding,
             headers=dict(message.headers or {}),
         )
+    observe_dead_letter(str(app.conf.get("umi_role", "unknown")), kind)
     logger.error("dead-lettered a message from %s: %s", source, reason)
 
 

@@ -6,10 +6,12 @@ through a dispatcher, so tests can collect jobs instead of publishing them.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from celery import Celery
 
+from shared.metrics import PUBLISHED_AT_HEADER
 from shared.schemas import StepJob
 from shared.topology import task_name
 
@@ -34,4 +36,6 @@ class CeleryDispatcher:
             task_name(job.role),
             args=[job.model_dump(mode="json")],
             task_id=f"{job.task_id}:{job.step_index}:{job.role.value}",
+            # The worker's umi_queue_wait_seconds starts here; a header keeps the job itself unchanged.
+            headers={PUBLISHED_AT_HEADER: time.time()},
         )

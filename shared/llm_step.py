@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from shared.lifecycle import EndReason
 from shared.llm import ALL_CONSTRAINT_KINDS, build_role_request, client_for_role, fit_to_context, server_constraint_kinds
+from shared.metrics import RetryKind, observe_llm_request, observe_llm_tokens, observe_retries
 from shared.models import TaskMode
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
 from shared.prompts import (
@@ -28,7 +29,7 @@ from shared.prompts import (
 )
 from shared.roles import LLMRole
 from shared.schemas import StepJob
-from shared.sglang_client import SGLangClient, SGLangError
+from shared.sglang_client import GenerateRequest, GenerateResult, SGLangClient, SGLangError
 
 __all__ = ["constraint_kinds", "grammar_backend_check", "llm_client", "run_llm_step"]
 
@@ -75,6 +76,23 @@ def grammar_backend_check(role: LLMRole) -> Callable[[Runtime], None]:
     return check
 
 
+def _generate(client: SGLangClient, request: GenerateRequest, role: LLMRole, *, deadline: float) -> GenerateResult:
+    """One ``/generate`` request, counted in the LLM metrics (duration, outcome, tokens, retries)."""
+    started = time.monotonic()
+    try:
+        result = client.generate(request, deadline=deadline)
+    except SGLangError as exc:
+        observe_llm_request(role.value, time.monotonic() - started, ok=False)
+        observe_retries(role.value, RetryKind.LLM, exc.attempts - 1)
+        raise
+    observe_llm_request(role.value, time.monotonic() - started, ok=True)
+    observe_retries(role.value, RetryKind.LLM, getattr(result, "attempts", 1) - 1)
+    observe_llm_tokens(
+        role.value, prompt=result.prompt_tokens or 0, completion=result.completion_tokens or 0, cached=result.cached_tokens or 0
+    )
+    return result
+
+
 def run_llm_step(
     job: StepJob,
     rt: Runtime,
@@ -112,7 +130,7 @@ def run_llm_step(
         for generation in range(1, generations + 1):
             if generation > 1:
                 request = request.model_copy(update={"rid": f"{request.rid}-{generation}"})
-            result = client.generate(request, deadline=context.deadline)
+            result = _generate(client, request, llm_role, deadline=context.deadline)
             prompt_tokens += result.prompt_tokens or 0
             completion_tokens += result.completion_tokens or 0
             cached_tokens += result.cached_tokens or 0

@@ -33,6 +33,7 @@ from shared import crud, lifecycle
 from shared.db import get_engine, session_scope
 from shared.dispatch import Dispatcher
 from shared.lifecycle import Actor, EndReason, TaskStatus
+from shared.metrics import observe_stored_step
 from shared.models import Step, StepContent, Task, utcnow
 from shared.prompts import NextRole, ToolDoc
 from shared.redaction import bound_text, secrets_redactor
@@ -241,6 +242,7 @@ def store_step(
     except IntegrityError:
         logger.info("task %s step %d: another delivery stored it first", job.task_id, job.step_index)
         return JobOutcome.DUPLICATE
+    observe_stored_step(job.role.value, draft.latency_s, draft.end_status)
     follow_up = follow_up_job(step)
     if follow_up is not None and draft.end_reason is None:
         rt.dispatcher.dispatch(follow_up)

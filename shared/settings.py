@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     #: How often the gateway ends tasks that are past their deadline with no step coming.
     sweep_interval_s: float = Field(default=15.0, gt=0)
     worker_concurrency: int = Field(default=32, ge=1)
+    #: Port of a worker's Prometheus ``/metrics`` (0: not served); the gateway serves its own on its HTTP port.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # --- tools ---------------------------------------------------------------
     tools_mirror: Path | None = None

@@ -40,6 +40,7 @@ from shared.celery_app import create_celery_app, dead_letter_message, worker_nod
 from shared.dispatch import CeleryDispatcher
 from shared.envelope import describe_validation_error
 from shared.lifecycle import EndReason
+from shared.metrics import PUBLISHED_AT_HEADER, DeadLetterKind, RetryKind, job_in_progress, observe_queue_wait, observe_retries, serve_metrics
 from shared.pipeline import JobOutcome, PoisonJob, Runtime, end_task
 from shared.redaction import bound_text, secrets_redactor
 from shared.roles import StepRole
@@ -93,7 +94,7 @@ def run_job(handler: StepHandler, job: StepJob, rt: Runtime, *, redelivered: boo
     the message) and :class:`InfrastructureUnavailable` (give it back to the queue).
     """
     try:
-        return _retrying_in_place(rt, lambda attempt: handler(job, rt, redelivered=redelivered or attempt > 1))
+        return _retrying_in_place(job, rt, lambda attempt: handler(job, rt, redelivered=redelivered or attempt > 1))
     except PoisonJob:
         raise
     except InfrastructureUnavailable:
@@ -106,12 +107,13 @@ def run_job(handler: StepHandler, job: StepJob, rt: Runtime, *, redelivered: boo
             job.task_id, job.step_index, bound_text(redact(traceback.format_exc())),
         )
         return _retrying_in_place(
+            job,
             rt,
             lambda _attempt: end_task(job, rt, reason=EndReason.INTERNAL_ERROR, error=error),
         )
 
 
-def _retrying_in_place(rt: Runtime, call: Callable[[int], JobOutcome]) -> JobOutcome:
+def _retrying_in_place(job: StepJob, rt: Runtime, call: Callable[[int], JobOutcome]) -> JobOutcome:
     """``call(attempt)`` until it returns, retrying transient failures for ``UMI_INFRA_RETRY_S``."""
     budget = rt.settings.infra_retry_s
     try:
@@ -125,6 +127,7 @@ def _retrying_in_place(rt: Runtime, call: Callable[[int], JobOutcome]) -> JobOut
         ):
             with attempt:
                 if attempt.num > 1:
+                    observe_retries(job.role.value, RetryKind.IN_PLACE)
                     logger.warning("database or broker unreachable; attempt %d (retrying for %.0fs)", attempt.num, budget)
                 return call(attempt.num)
     except Exception as exc:
@@ -179,15 +182,24 @@ def create_worker_app(
     resources from the runtime and raises ``ConfigurationError`` naming what is wrong.
     """
     app = create_celery_app(settings, name=f"umi.{role.value}")
+    app.conf.umi_role = role.value
     runtime = _RuntimeHolder(app, settings)
-    app.conf.umi_start_up = (lambda: start_up(runtime.get())) if start_up is not None else runtime.get
 
-    def dead_letter(request: Any, reason: str) -> str:
+    def start() -> None:
+        if start_up is not None:
+            start_up(runtime.get())
+        else:
+            runtime.get()
+        serve_metrics(settings.metrics_port)
+
+    app.conf.umi_start_up = start
+
+    def dead_letter(request: Any, reason: str, kind: DeadLetterKind) -> str:
         message = getattr(request, RECEIVED_MESSAGE, None)
         if message is None:  # run eagerly (task.apply): there is no message to park
             raise PoisonJob(reason)
         try:
-            dead_letter_message(app, message, reason)
+            dead_letter_message(app, message, reason, kind=kind)
         except Exception as exc:
             # Cannot park it now: give it back; it is refused again on its next delivery.
             raise Reject(f"could not dead-letter: {exc}", requeue=True) from exc
@@ -195,19 +207,27 @@ def create_worker_app(
 
     @app.task(name=task_name(role), bind=True, acks_late=True, reject_on_worker_lost=True, Request=StepRequest)
     def step(self: Any, payload: Any) -> str:
+        observe_queue_wait(role.value, getattr(self.request, PUBLISHED_AT_HEADER, None))
+        with job_in_progress(role.value):
+            return run_step(self.request, payload)
+
+    def run_step(request: Any, payload: Any) -> str:
         try:
             job = StepJob.model_validate(payload)
         except ValidationError as exc:
-            return dead_letter(self.request, f"invalid {role.value} job: {describe_validation_error(exc)}")
+            return dead_letter(request, f"invalid {role.value} job: {describe_validation_error(exc)}", DeadLetterKind.INVALID_JOB)
         if job.role is not role:
-            return dead_letter(self.request, f"a {role.value} worker cannot run a {job.role.value} job")
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+            return dead_letter(request, f"a {role.value} worker cannot run a {job.role.value} job", DeadLetterKind.WRONG_ROLE)
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
+        if redelivered:
+            observe_retries(role.value, RetryKind.REDELIVERED)
         try:
             outcome = run_job(handler, job, runtime.get(), redelivered=redelivered)
         except PoisonJob as exc:
-            return dead_letter(self.request, str(exc))
+            return dead_letter(request, str(exc), DeadLetterKind.IMPOSSIBLE_STEP)
         except InfrastructureUnavailable as exc:
             logger.warning("task %s step %d: %s; giving the message back", job.task_id, job.step_index, exc)
+            observe_retries(role.value, RetryKind.REQUEUE)
             raise Reject(str(exc), requeue=True) from exc
         logger.info("task %s step %d (%s): %s", job.task_id, job.step_index, role.value, outcome)
         return outcome.value
@@ -216,7 +236,8 @@ def create_worker_app(
 
 
 def _start_up(app: Celery) -> None:
-    """Run the role's start-up check (builds the runtime and the role's resources)."""
+    """Run the role's start-up check (builds the runtime and the role's resources), then serve its metrics
+    on ``UMI_METRICS_PORT`` (if set) before anything is consumed."""
     app.conf.umi_start_up()
 
 

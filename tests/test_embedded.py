@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.asgi import free_port
 from shared.settings import load_settings
@@ -51,6 +52,17 @@ def test_umi_up_and_submit_reproduce_a_recorded_trajectory(tmp_path: Path) -> No
         assert result.stdout.rstrip().endswith("answer: " + record["conversations"][-1]["value"])
         assert "status: succeeded (answered)" in result.stdout
         assert (tmp_path / ".umi" / "umi.db").is_file()  # SQLite by default
+        # The gateway's /metrics includes the embedded workers: they share its process.
+        metrics = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+            for sample in family.samples
+        }
+        assert metrics[("umi_tasks_total", (("status", "succeeded"),))] == 1
+        for speaker, step_role in role.items():
+            stored = sum(1 for turn in record["conversations"] if turn["from"] == speaker)
+            steps = sum(v for (name, labels), v in metrics.items() if name == "umi_step_duration_seconds_count" and ("role", step_role) in labels)
+            assert steps == stored, step_role
     finally:
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=30)

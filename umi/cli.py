@@ -3,7 +3,7 @@
 ::
 
     umi up [--port 8000]                       everything in one process (no GPU, no broker)
-    umi worker planner|caller|summarizer|tools [--concurrency N]
+    umi worker planner|caller|summarizer|tools [--concurrency N] [--metrics-port P]
     umi gateway [--host H] [--port P]
     umi submit "<query>" --tools FILE [--wait]
     umi sim serve --data FILE [--data FILE ...] --port P [--role planner]
@@ -35,7 +35,7 @@ from services.simulator.__main__ import add_simulator_arguments, config_from_arg
 from shared.db import SchemaOutOfDate
 from shared.lifecycle import TERMINAL_STATUSES, TaskStatus
 from shared.roles import StepRole
-from shared.settings import ConfigurationError, get_settings
+from shared.settings import ConfigurationError, get_settings, load_settings
 
 __all__ = ["main"]
 
@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("role", choices=WORKER_ROLES)
     worker.add_argument("--concurrency", type=int, default=None, help="threads (default UMI_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", type=_log_level, default="INFO")
+    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (default UMI_METRICS_PORT; 0 = off)")
     worker.set_defaults(func=_cmd_worker)
 
     gateway = sub.add_parser("gateway", help="run the HTTP gateway")
@@ -182,7 +183,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from shared.topology import Topology
     from shared.worker import run_worker
 
-    settings = get_settings()
+    settings = get_settings() if args.metrics_port is None else load_settings(metrics_port=args.metrics_port)
     ensure_schema_current(settings.database_url)
     role = StepRole(args.role)
     app = importlib.import_module(f"services.{role.value}.worker").create_app(settings)

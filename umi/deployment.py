@@ -22,7 +22,7 @@ from kombu import Connection
 from services.gateway.app import create_app as create_gateway
 from services.simulator import SimulatorConfig
 from services.simulator import create_app as create_simulator
-from shared.asgi import ServerThread
+from shared.asgi import ServerThread, free_port
 from shared.example_data import BUNDLED_TRAJECTORIES as TRAJECTORIES
 from shared.lifecycle import TERMINAL_STATUSES
 from shared.roles import LLMRole, StepRole
@@ -72,6 +72,8 @@ class Deployment:
         self.workers: dict[StepRole, subprocess.Popen[bytes]] = {}
         #: Every worker process started, all stopped by :meth:`close` (``workers`` keeps the last per role).
         self.processes: list[subprocess.Popen[bytes]] = []
+        #: Each worker process's role and Prometheus port (its own ``UMI_METRICS_PORT``).
+        self.metrics_ports: dict[subprocess.Popen[bytes], tuple[StepRole, int]] = {}
         self.gateway = ServerThread(create_gateway(self.settings)).start()
         self.http = httpx.Client(base_url=self.gateway.url, timeout=30)
 
@@ -79,14 +81,16 @@ class Deployment:
     def start_worker(self, role: StepRole, *, concurrency: int = 4, wait: bool = True) -> subprocess.Popen[bytes]:
         """Start ``umi worker <role>`` and wait until it consumes its queue (unless ``wait`` is false)."""
         log = open(self.log_dir / f"worker-{role.value}-{len(os.listdir(self.log_dir))}.log", "wb")
+        metrics_port = free_port()
         process = subprocess.Popen(
             [sys.executable, "-m", "umi", "worker", role.value, "--concurrency", str(concurrency), "--loglevel", "INFO"],
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.env, "UMI_METRICS_PORT": str(metrics_port)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         self.workers[role] = process
         self.processes.append(process)
+        self.metrics_ports[process] = (role, metrics_port)
         if wait:
             self.wait_for_consumers(role, at_least=1, process=process)
         return process
@@ -94,6 +98,14 @@ class Deployment:
     def start_all_workers(self) -> None:
         for role in QUEUE_ROLES:
             self.start_worker(role)
+
+    def metrics_urls(self) -> dict[str, list[str]]:
+        """The ``/metrics`` URLs of every running process, by role (``gateway``: this process, which runs it)."""
+        urls: dict[str, list[str]] = {"gateway": [f"{self.gateway.url}/metrics"]}
+        for process, (role, port) in self.metrics_ports.items():
+            if process.poll() is None:
+                urls.setdefault(role.value, []).append(f"http://127.0.0.1:{port}/metrics")
+        return urls
 
     def consumer_count(self, role: StepRole) -> int:
         with Connection(self.settings.broker_url) as connection:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, HTTPException, Request, Response, status
 
 from services.gateway.sweep import DeadlineSweeper
 from shared import crud
@@ -25,6 +25,7 @@ from shared.celery_app import create_celery_app
 from shared.context_window import PromptDoesNotFit
 from shared.db import ensure_schema_current, get_engine, session_scope
 from shared.dispatch import CeleryDispatcher, Dispatcher
+from shared.metrics import CONTENT_TYPE, exposition
 from shared.schemas import TaskAccepted, TaskCreate, TaskPublic
 from shared.settings import Settings, get_settings
 from shared.tasks import EnqueueError, submit_task
@@ -91,6 +92,12 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             if task is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id}")
             return crud.task_public(task=task, steps=crud.list_steps(session=session, task_id=task_id))
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus metrics of this process: the tasks it ended (cancels, sweep, failed enqueues), and under
+        ``umi up`` the embedded workers' too."""
+        return Response(exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

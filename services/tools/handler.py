@@ -17,6 +17,7 @@ from services.tools.lease import LeaseKeeper, new_owner_id
 from services.tools.models import ToolOutcome, idempotency_key
 from shared import crud
 from shared.db import session_scope
+from shared.metrics import RetryKind, observe_retries, observe_tool_call
 from shared.models import ToolCall, ToolCallStatus, utcnow
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, open_step, store_step
 from shared.prompts import CallerAction, parse_caller_output
@@ -164,6 +165,8 @@ def _run_and_store(job: StepJob, rt: Runtime, context: StepContext, call: Caller
             idempotency_key=idempotency_key(job.task_id, job.step_index),
             deadline=context.deadline,
         )
+        observe_tool_call(begun.outcome.backend, begun.outcome.latency_s, ok=begun.outcome.ok)
+        observe_retries(StepRole.TOOLS.value, RetryKind.TOOL, begun.outcome.attempts - 1)
     outcome = begun.outcome
 
     def complete_tool_call(session: Session) -> None:
