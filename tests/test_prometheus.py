@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,12 +30,9 @@ from shared.topology import QUEUE_ROLES, task_name
 from tests.conftest import load_trajectories, single_chain_indices
 from tests.messages import celery_headers, confirmed_channel, publish
 from umi.deployment import Deployment
-from umi.prometheus import PROMETHEUS_CONFIG, PrometheusServer, grafana_expr, load_dashboard, local_scrape_config
+from umi.prometheus import PROMETHEUS_CONFIG, PrometheusServer, Sample, grafana_expr, load_dashboard, local_scrape_config, start_observed
 
 RULES = PROMETHEUS_CONFIG.parent / "alerts.yml"
-RABBITMQ_METRICS = "127.0.0.1:15692"
-#: Job names of the product's scrape configuration, and what each scrapes.
-WORKER_JOBS = {f"umi-{role.value}": role for role in QUEUE_ROLES}
 
 
 def _promtool(*args: str, cwd: Path = PROMETHEUS_CONFIG.parent) -> str:
@@ -83,22 +80,7 @@ class Observed:
         return f"{int(time.time() - self.started) + 30}s"
 
 
-def _host_port(url: str) -> str:
-    parts = urlsplit(url)
-    assert parts.path in ("", "/", "/metrics"), url  # the product config scrapes the default /metrics
-    return str(parts.netloc)
-
-
-def _local_targets(system: Deployment) -> dict[str, list[str]]:
-    urls = system.metrics_urls()
-    targets = {job: [_host_port(url) for url in urls[role.value]] for job, role in WORKER_JOBS.items()}
-    targets["umi-gateway"] = [_host_port(url) for url in urls["gateway"]]
-    targets["rabbitmq"] = [RABBITMQ_METRICS]
-    targets |= {f"sglang-{role.value}": [_host_port(server.url)] for role, server in system.simulators.items()}
-    return targets
-
-
-def _run_load(system: Deployment, rounds: int = 2) -> list[str]:
+def _run_load(system: Deployment, rounds: int = 1) -> list[str]:
     records = [load_trajectories()[index] for index in single_chain_indices()]
     task_ids = [system.submit(r["conversations"][0]["value"], r["tools"]) for _ in range(rounds) for r in records]
     for task_id in task_ids:
@@ -111,12 +93,9 @@ def observed(rabbitmq_url: str, postgres_url: str, tmp_path_factory: pytest.Temp
     system = Deployment(rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path_factory.mktemp("prom"))
     prometheus: PrometheusServer | None = None
     try:
-        system.start_all_workers()
         vhost = urlsplit(rabbitmq_url).path.lstrip("/")
-        prometheus = PrometheusServer(local_scrape_config(_local_targets(system), interval_s=1, rabbitmq_vhost=vhost))
-        prometheus.start()
+        prometheus = start_observed(system, vhost=vhost)
         started = time.time()
-        prometheus.wait_for_targets_up()
         task_ids = _run_load(system)
         prometheus.wait_for_scrape()
         yield Observed(system, prometheus, vhost, started, task_ids)
@@ -126,7 +105,7 @@ def observed(rabbitmq_url: str, postgres_url: str, tmp_path_factory: pytest.Temp
         system.close()
 
 
-def _by(samples: list, label: str) -> dict[str, float]:
+def _by(samples: list[Sample], label: str) -> dict[str, float]:
     return {sample.metric[label]: sample.number for sample in samples}
 
 
@@ -157,14 +136,14 @@ def test_per_role_latency_quantiles_come_from_promql(observed: Observed, metric:
 
 def test_rabbitmq_reports_depth_and_consumers_of_each_queue_of_the_test_vhost(observed: Observed) -> None:
     topology = observed.system.topology
-    consumers = observed.prometheus.query("rabbitmq_detailed_queue_consumers")
+    role_queues = {topology.queue_name(role) for role in QUEUE_ROLES}
+    # RabbitMQ refreshes its queue statistics every few seconds (collect_statistics_interval).
+    consumers = _wait_for(
+        observed.prometheus, "rabbitmq_detailed_queue_consumers", lambda by_queue: all(by_queue.get(q) == 1.0 for q in role_queues)
+    )
     assert {sample.metric["vhost"] for sample in consumers} == {observed.vhost}  # restricted to the test's vhost
-    by_queue = _by(consumers, "queue")
-    for role in QUEUE_ROLES:
-        assert by_queue[topology.queue_name(role)] == 1.0  # one worker process per role
-    assert by_queue[topology.dead_letter_queue] == 0.0
-    ready = _by(observed.prometheus.query("rabbitmq_detailed_queue_messages_ready"), "queue")
-    assert all(ready[topology.queue_name(role)] == 0.0 for role in QUEUE_ROLES)  # the load is done
+    assert _by(consumers, "queue")[topology.dead_letter_queue_name] == 0.0
+    _wait_for(observed.prometheus, "rabbitmq_detailed_queue_messages_ready", lambda by_queue: all(by_queue.get(q) == 0.0 for q in role_queues))
 
 
 def test_every_dashboard_query_returns_data_after_a_load(observed: Observed) -> None:
@@ -193,13 +172,16 @@ def _alert_expr(name: str) -> str:
     return str(expr)
 
 
-def _wait_for_series(prometheus: PrometheusServer, expr: str, label: str, value: str, timeout_s: float = 60) -> None:
+def _wait_for(prometheus: PrometheusServer, expr: str, done: Callable[[dict[str, float]], bool], *, label: str = "queue", timeout_s: float = 60) -> list[Sample]:
+    """Query ``expr`` until ``done`` holds for its values by ``label``; the last answer."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(sample.metric.get(label) == value for sample in prometheus.query(expr)):
-            return
+    while True:
+        samples = prometheus.query(expr)
+        if done(_by(samples, label)):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{expr} did not get there in {timeout_s}s: {_by(samples, label)}")
         time.sleep(0.5)
-    raise AssertionError(f"{expr} never returned {label}={value!r}: {prometheus.query(expr)}")
 
 
 def test_the_alert_expressions_see_dead_letters_and_a_queue_nobody_consumes(observed: Observed) -> None:
@@ -207,10 +189,11 @@ def test_the_alert_expressions_see_dead_letters_and_a_queue_nobody_consumes(obse
     system, prometheus = observed.system, observed.prometheus
     with confirmed_channel(system.settings.broker_url) as channel:
         publish(channel, system.topology, StepRole.TOOLS, b'{"not json', celery_headers(task_name(StepRole.TOOLS)))
-    _wait_for_series(prometheus, _alert_expr("UmiDeadLettersRising"), "queue", system.topology.dead_letter_queue)
-    _wait_for_series(prometheus, _alert_expr("UmiWorkersDeadLettering"), "role", "tools")
+    _wait_for(prometheus, _alert_expr("UmiDeadLettersRising"), lambda by_queue: system.topology.dead_letter_queue_name in by_queue)
+    _wait_for(prometheus, _alert_expr("UmiWorkersDeadLettering"), lambda by_role: "tools" in by_role, label="role")
 
     system.kill_worker(StepRole.TOOLS)
     record = load_trajectories()[single_chain_indices()[0]]
     system.submit(record["conversations"][0]["value"], record["tools"])  # reaches the tools queue and waits there
-    _wait_for_series(prometheus, _alert_expr("UmiMessagesWaitingNoConsumer"), "queue", system.topology.queue_name(StepRole.TOOLS))
+    tools_queue = system.topology.queue_name(StepRole.TOOLS)
+    _wait_for(prometheus, _alert_expr("UmiMessagesWaitingNoConsumer"), lambda by_queue: tools_queue in by_queue)

@@ -20,27 +20,35 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict
 
 from shared.asgi import free_port
+from shared.topology import QUEUE_ROLES
+from umi.deployment import Deployment
 
 __all__ = [
     "DASHBOARD",
     "PROMETHEUS_CONFIG",
     "Dashboard",
+    "Panel",
     "PrometheusServer",
+    "Sample",
     "Series",
     "grafana_expr",
     "load_dashboard",
     "local_scrape_config",
+    "start_observed",
 ]
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "umi.json"
+#: RabbitMQ's rabbitmq_prometheus plugin on the local broker.
+RABBITMQ_METRICS = "127.0.0.1:15692"
 #: Every way a scrape job can name its targets; all are replaced by ``static_configs``.
 _DISCOVERY_KEYS = re.compile(r"^(static_configs|\w+_sd_configs)$")
 
@@ -227,6 +235,42 @@ class PrometheusServer:
         self.stop()
 
 
+def _host_port(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.path not in ("", "/", "/metrics"):  # the product configuration scrapes the default /metrics
+        raise ValueError(f"{url}: metrics are expected at /metrics")
+    return str(parts.netloc)
+
+
+def deployment_targets(system: Deployment) -> dict[str, list[str]]:
+    """Every job of the product's scrape configuration, pointed at ``system``'s running processes."""
+    urls = system.metrics_urls()
+    targets = {f"umi-{role.value}": [_host_port(url) for url in urls.get(role.value, [])] for role in QUEUE_ROLES}
+    targets["umi-gateway"] = [_host_port(url) for url in urls["gateway"]]
+    targets["rabbitmq"] = [RABBITMQ_METRICS]
+    targets |= {f"sglang-{role.value}": [_host_port(server.url)] for role, server in system.simulators.items()}
+    return targets
+
+
+def start_observed(system: Deployment, *, vhost: str, concurrency: int = 4) -> PrometheusServer:
+    """Start one worker per role and a Prometheus scraping every process of ``system`` each second
+    (RabbitMQ's per-queue metrics restricted to ``vhost``); return once all consume and are scraped.
+
+    Workers and Prometheus start side by side: each worker's metrics port is known at once.
+    """
+    workers = {role: system.start_worker(role, concurrency=concurrency, wait=False) for role in QUEUE_ROLES}
+    prometheus = PrometheusServer(local_scrape_config(deployment_targets(system), interval_s=1, rabbitmq_vhost=vhost))
+    try:
+        prometheus.start()
+        for role, process in workers.items():
+            system.wait_for_consumers(role, at_least=1, process=process)
+        prometheus.wait_for_targets_up()
+    except BaseException:
+        prometheus.stop()
+        raise
+    return prometheus
+
+
 # --- the Grafana dashboard -------------------------------------------------------------
 class PanelTarget(BaseModel):
     """One query of a panel (Prometheus datasource)."""
@@ -245,6 +289,7 @@ class Panel(BaseModel):
     type: str
     datasource: dict[str, str]
     targets: list[PanelTarget]
+    gridPos: dict[str, int]
     fieldConfig: dict[str, Any] = {}
 
 
