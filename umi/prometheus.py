@@ -10,7 +10,6 @@ local targets.
 
 from __future__ import annotations
 
-import copy
 import re
 import shutil
 import subprocess
@@ -67,7 +66,7 @@ def local_scrape_config(
     exactly the product's jobs, so a renamed or missing job fails here. ``rabbitmq_vhost``
     restricts the RabbitMQ job's per-queue metrics to one vhost (the test's).
     """
-    config = copy.deepcopy(yaml.safe_load(config_path.read_text()))
+    config = yaml.safe_load(config_path.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     if set(jobs) != set(targets):
         raise ValueError(f"targets name jobs {sorted(targets)}, {config_path} has {sorted(jobs)}")
