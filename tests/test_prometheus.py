@@ -51,6 +51,9 @@ def test_promtool_accepts_the_scrape_configuration_and_the_alert_rules() -> None
 
 def test_the_alert_rules_pass_their_promtool_unit_tests() -> None:
     assert "SUCCESS" in _promtool("test", "rules", "alerts_test.yml")
+    unit_tests = yaml.safe_load((RULES.parent / "alerts_test.yml").read_text())["tests"]
+    seen_firing = {case["alertname"] for test in unit_tests for case in test["alert_rule_test"] if case["exp_alerts"]}
+    assert seen_firing == set(_alert_names()), "every alert has a unit test that fires it"
 
 
 def test_the_local_configuration_swaps_only_discovery_and_intervals() -> None:
@@ -163,7 +166,7 @@ def test_every_dashboard_query_returns_data_after_a_load(observed: Observed) -> 
 
 def test_every_alert_rule_evaluates_without_error(observed: Observed) -> None:
     rules = observed.prometheus.rules()
-    assert {rule["name"] for rule in rules} == {rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
+    assert {rule["name"] for rule in rules} == set(_alert_names())
     for rule in rules:
         assert rule["health"] == "ok", rule
         if rule["name"] != "UmiWorkersDeadLettering":  # see _on_workers
@@ -174,6 +177,10 @@ def test_every_alert_rule_evaluates_without_error(observed: Observed) -> None:
 def _on_workers(expr: str) -> str:
     """``expr`` on the worker jobs' dead-letter counters only (see :data:`WORKER_JOBS`)."""
     return expr.replace("umi_dead_letters_total", f"umi_dead_letters_total{{{WORKER_JOBS}}}")
+
+
+def _alert_names() -> list[str]:
+    return [rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
 
 
 def _alert_expr(name: str) -> str:
