@@ -16,6 +16,8 @@ broker actions:
   the error bounded and redacted.
 
 A worker that stops on an unrecoverable error exits non-zero (:func:`run_worker`).
+Each job is counted in :mod:`shared.metrics` (queue wait, in progress, retries and
+dead letters by kind); the start-up serves them on ``UMI_METRICS_PORT``.
 """
 
 from __future__ import annotations

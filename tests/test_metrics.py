@@ -13,8 +13,9 @@ import math
 import socket
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from shared import crud, lifecycle
+from shared.asgi import free_port
 from shared.db import get_engine, session_scope
 from shared.lifecycle import Actor, EndReason
 from shared.metrics import serve_metrics
@@ -37,7 +39,8 @@ from shared.topology import task_name
 from shared.worker import run_job
 from tests.conftest import load_trajectories, single_chain_indices
 from tests.messages import celery_body, celery_headers, confirmed_channel, publish
-from tests.pipeline_helpers import CollectingDispatcher
+from tests.pipeline_helpers import CollectingDispatcher, create_task, sqlite_settings
+from tests.pipeline_helpers import run_job as run_handler
 from umi.cli import main
 from umi.deployment import Deployment
 
@@ -132,12 +135,13 @@ def test_every_process_serves_metrics_and_they_add_up_to_the_stored_steps(deploy
         truth[("umi_llm_tokens_total", (("role", role), ("kind", "completion")))] = sum(step.completion_tokens or 0 for step in mine)
         truth[("umi_llm_tokens_total", (("role", role), ("kind", "cached")))] = sum(step.cached_tokens or 0 for step in mine)
     truth[("umi_step_duration_seconds_count", (("role", "summarizer"), ("outcome", "succeeded")))] = len(tasks)
-    for (backend, ok), count in Counter((call.backend or "none", "ok" if call.ok else "error") for call in calls).items():
-        labels = (("tool_backend", backend), ("outcome", ok))
-        truth[("umi_tool_call_duration_seconds_count", labels)] = count
-        truth[("umi_tool_call_duration_seconds_sum", labels)] = sum(
-            call.latency_s or 0.0 for call in calls if (call.backend or "none", "ok" if call.ok else "error") == (backend, ok)
-        )
+    calls_by_label: defaultdict[tuple[tuple[str, str], ...], list[ToolCall]] = defaultdict(list)
+    for call in calls:
+        calls_by_label[(("tool_backend", call.backend or "none"), ("outcome", "ok" if call.ok else "error"))].append(call)
+    assert calls_by_label
+    for labels, group in calls_by_label.items():
+        truth[("umi_tool_call_duration_seconds_count", labels)] = len(group)
+        truth[("umi_tool_call_duration_seconds_sum", labels)] = sum(call.latency_s or 0.0 for call in group)
     truth[("umi_tasks_total", (("status", "succeeded"),))] = len(tasks)
     truth[("umi_task_steps_count", ())] = len(tasks)
     truth[("umi_task_steps_sum", ())] = len(all_steps)
@@ -146,6 +150,9 @@ def test_every_process_serves_metrics_and_they_add_up_to_the_stored_steps(deploy
     )
 
     assert_moved(deployment, before, truth)
+    # A task's jobs run one after another, each waiting inside the task's life.
+    waited = delta(before, scrape(deployment), "umi_queue_wait_seconds_sum")
+    assert 0 < waited < truth[("umi_task_duration_seconds_sum", ())]
     assert sum(truth[("umi_llm_tokens_total", (("role", role), ("kind", "prompt")))] for role in LLM_ROLES) > 0
 
 
@@ -233,4 +240,21 @@ def test_in_place_retries_and_a_task_end_are_counted_once_committed(postgres_url
         session.flush()
         session.rollback()
     assert _sample("umi_tasks_total", status="cancelled") == cancelled
+    rt.close()
+
+
+def test_a_failing_llm_request_is_counted_with_its_retries(tmp_path: Path) -> None:
+    # A context this long needs no /tokenize first: the one request made is /generate, to a closed port.
+    settings = sqlite_settings(tmp_path, f"http://127.0.0.1:{free_port()}", llm_max_retries=2, llm_backoff_s=0, context_length=1_000_000)
+    rt = Runtime(settings=settings, dispatcher=CollectingDispatcher())
+    task_id = create_task(rt, load_trajectories()[single_chain_indices()[0]])
+    errors, retries, failed = (
+        _sample("umi_llm_request_duration_seconds_count", role="planner", outcome="error"),
+        _sample("umi_retries_total", role="planner", kind="llm"),
+        _sample("umi_tasks_total", status="failed"),
+    )
+    assert run_handler(rt, StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)) is JobOutcome.TASK_ENDED
+    assert _sample("umi_llm_request_duration_seconds_count", role="planner", outcome="error") - errors == 1
+    assert _sample("umi_retries_total", role="planner", kind="llm") - retries == 2  # three attempts: two retries
+    assert _sample("umi_tasks_total", status="failed") - failed == 1
     rt.close()
