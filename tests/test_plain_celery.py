@@ -1,0 +1,142 @@
+"""Plain Celery runs a role as ``umi worker`` does (real RabbitMQ and PostgreSQL).
+
+``celery -A services.<role>.worker worker`` gets the same start-up checks, topology,
+unique node name and queue as ``umi worker <role>``, which is itself a thin wrapper
+passing further options on to ``celery worker``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.caller.worker import create_app as create_caller_app
+from shared.roles import StepRole
+from tests.conftest import REPO, UMI, load_trajectories, single_chain_indices
+from umi.deployment import Deployment
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("UMI_")}, **extra}
+
+
+def _celery(deployment: Deployment, role: StepRole, *args: str, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``celery -A services.<role>.worker worker <args>`` against the deployment (stopped by its close()), and its log."""
+    path = deployment.log_dir / f"celery-{role.value}-{uuid.uuid4().hex[:6]}.log"
+    log = open(path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", f"services.{role.value}.worker", "worker", *args],
+        env=_env({**deployment.env, **env}),
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deployment.processes.append(process)
+    return process, path
+
+
+@pytest.fixture
+def deployment(rabbitmq_url: str, postgres_url: str, tmp_path: Path) -> Iterator[Deployment]:
+    system = Deployment(rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path)
+    try:
+        yield system
+    finally:
+        system.close()
+
+
+class EventLog:
+    """Celery task events seen on the broker while it runs (what Flower reads)."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.app = create_caller_app(deployment.settings)
+        self.events: list[dict[str, Any]] = []
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self.ready.wait(30), "the event receiver did not start"
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as connection:
+            self.receiver = self.app.events.Receiver(connection, handlers={"*": self.events.append})
+            self.receiver.on_consume_ready = lambda *_, **__: self.ready.set()
+            for _ in self.receiver.itercapture(wakeup=False):
+                pass
+
+    def stop(self) -> None:
+        self.receiver.should_stop = True
+        self._thread.join(10)
+
+
+def test_a_role_run_by_the_plain_celery_command_completes_tasks_and_flower_sees_it(deployment: Deployment) -> None:
+    others = {role: deployment.start_worker(role, wait=False) for role in (StepRole.PLANNER, StepRole.TOOLS, StepRole.SUMMARIZER)}
+    queue = deployment.topology.queue_name(StepRole.CALLER)
+    events = EventLog(deployment)
+    try:
+        process, _ = _celery(deployment, StepRole.CALLER, "-Q", queue, "-P", "threads", "-c", "4", UMI_TASK_EVENTS="true")
+        for role, started in {**others, StepRole.CALLER: process}.items():
+            deployment.wait_for_consumers(role, at_least=1, process=started)
+        record = load_trajectories()[single_chain_indices()[0]]
+        task = deployment.wait(deployment.submit(record["conversations"][0]["value"], record["tools"]), timeout_s=90)
+    finally:
+        events.stop()
+    assert task["status"] == "succeeded", task
+    assert "caller" in [step["role"] for step in task["steps"]]
+
+    # Flower lists workers through remote control and follows tasks through events.
+    replies = events.app.control.inspect(timeout=5).ping() or {}
+    caller_nodes = [name for name in replies if name.startswith("caller-")]
+    assert len(caller_nodes) == 1, replies  # a unique node name, not celery@<host>
+    received = {e["uuid"]: e for e in events.events if e["type"] == "task-received" and e["name"] == "umi.caller.step"}
+    succeeded = {e["uuid"] for e in events.events if e["type"] == "task-succeeded" and e["hostname"] == caller_nodes[0]}
+    assert received and set(received) <= succeeded, events.events
+
+
+def test_a_plain_celery_worker_consumes_only_its_roles_queue(deployment: Deployment) -> None:
+    process, _ = _celery(deployment, StepRole.TOOLS, "-c", "2")  # no -Q, no -P: the role's queue, threads
+    deployment.wait_for_consumers(StepRole.TOOLS, at_least=1, process=process)
+    assert [deployment.consumer_count(role) for role in (StepRole.PLANNER, StepRole.CALLER, StepRole.SUMMARIZER)] == [0, 0, 0]
+
+    other = deployment.topology.queue_name(StepRole.PLANNER)
+    refused, log = _celery(deployment, StepRole.TOOLS, "-Q", other)
+    assert refused.wait(60) == 2, log.read_text()
+    assert f"a tools worker consumes only {deployment.topology.queue_name(StepRole.TOOLS)} (-Q" in log.read_text()
+
+
+def test_the_plain_celery_command_runs_the_start_up_checks(tmp_path: Path) -> None:
+    env = _env({"UMI_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}", "UMI_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"})
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "services.summarizer.worker", "worker"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "umi db upgrade" in result.stderr  # refused before it consumed anything
+
+
+def test_umi_worker_passes_options_it_does_not_know_on_to_celery_worker(deployment: Deployment) -> None:
+    node = f"probe-{uuid.uuid4().hex[:8]}"
+    log = open(deployment.log_dir / "umi-worker-probe.log", "wb")
+    process = subprocess.Popen(
+        [str(UMI), "worker", "summarizer", "--concurrency", "1", "--", "-n", f"{node}@%h", "--prefetch-multiplier", "1"],
+        env=_env(deployment.env), stdout=log, stderr=subprocess.STDOUT,
+    )
+    deployment.processes.append(process)
+    deployment.wait_for_consumers(StepRole.SUMMARIZER, at_least=1, process=process)
+    app = create_caller_app(deployment.settings)
+    deadline, replies = time.monotonic() + 30, {}
+    while time.monotonic() < deadline and not any(name.startswith(f"{node}@") for name in replies):
+        replies = app.control.inspect(timeout=2).ping() or {}
+    assert any(name.startswith(f"{node}@") for name in replies), replies
+
+    bad = subprocess.run(
+        [str(UMI), "worker", "summarizer", "--no-such-celery-option"], env=_env(deployment.env), capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "--no-such-celery-option" in bad.stderr, bad.stderr
