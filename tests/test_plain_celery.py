@@ -92,7 +92,7 @@ def test_a_role_run_by_the_plain_celery_command_completes_tasks_and_flower_sees_
     assert "caller" in [step["role"] for step in task["steps"]]
 
     # Flower lists workers through remote control and follows tasks through events.
-    replies = events.app.control.inspect(timeout=5).ping() or {}
+    replies = events.app.control.inspect(timeout=2).ping() or {}
     caller_nodes = [name for name in replies if name.startswith("caller-")]
     assert len(caller_nodes) == 1, replies  # a unique node name, not celery@<host>
     received = {e["uuid"]: e for e in events.events if e["type"] == "task-received" and e["name"] == "umi.caller.step"}

@@ -110,7 +110,8 @@ def test_a_leader_whose_lock_session_dies_gives_way_and_the_sweep_goes_on(databa
         with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
             killed = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND ((classid::bigint << 32) | objid::bigint) = %s",
+                " AND ((classid::bigint << 32) | objid::bigint) = %s AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())",  # not other test runs' gateways
                 (SWEEP_LOCK_KEY,),
             ).fetchall()
         assert killed == [(True,)]
