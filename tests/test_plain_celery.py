@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from services.caller.worker import create_app as create_caller_app
+from shared.asgi import free_port
 from shared.roles import StepRole
 from tests.conftest import REPO, UMI, load_trajectories, single_chain_indices
 from umi.deployment import Deployment
@@ -53,51 +54,62 @@ def deployment(rabbitmq_url: str, postgres_url: str, tmp_path: Path) -> Iterator
         system.close()
 
 
-class EventLog:
-    """Celery task events seen on the broker while it runs (what Flower reads)."""
-
-    def __init__(self, deployment: Deployment) -> None:
-        self.app = create_caller_app(deployment.settings)
-        self.events: list[dict[str, Any]] = []
-        self.ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self.ready.wait(30), "the event receiver did not start"
-
-    def _run(self) -> None:
-        with self.app.connection_for_read() as connection:
-            self.receiver = self.app.events.Receiver(connection, handlers={"*": self.events.append})
-            self.receiver.on_consume_ready = lambda *_, **__: self.ready.set()
-            for _ in self.receiver.itercapture(wakeup=False):
-                pass
-
-    def stop(self) -> None:
-        self.receiver.should_stop = True
-        self._thread.join(10)
+def _flower(deployment: Deployment) -> str:
+    """``celery -A services.caller.worker flower`` on a free port (stopped by the deployment's close()); its URL."""
+    port = free_port()
+    log = open(deployment.log_dir / "flower.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "services.caller.worker", "flower", "--address=127.0.0.1", f"--port={port}"],
+        env=_env({**deployment.env, "FLOWER_UNAUTHENTICATED_API": "true"}),
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deployment.processes.append(process)
+    url = f"http://127.0.0.1:{port}"
+    _wait_until(lambda: process.poll() is None and _get(f"{url}/healthcheck") is not None, "Flower answers")
+    return url
 
 
-def test_a_role_run_by_the_plain_celery_command_completes_tasks_and_flower_sees_it(deployment: Deployment) -> None:
+def _get(url: str) -> Any:
+    try:
+        response = httpx.get(url, timeout=10)
+    except httpx.TransportError:
+        return None
+    return response.json() if response.headers.get("content-type", "").startswith("application/json") else response.text
+
+
+def _wait_until(condition: Callable[[], object], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_a_role_run_by_the_plain_celery_command_completes_tasks_and_flower_lists_it(deployment: Deployment) -> None:
     others = {role: deployment.start_worker(role, wait=False) for role in (StepRole.PLANNER, StepRole.TOOLS, StepRole.SUMMARIZER)}
     queue = deployment.topology.queue_name(StepRole.CALLER)
-    events = EventLog(deployment)
-    try:
-        process, _ = _celery(deployment, StepRole.CALLER, "-Q", queue, "-P", "threads", "-c", "4", UMI_TASK_EVENTS="true")
-        for role, started in {**others, StepRole.CALLER: process}.items():
-            deployment.wait_for_consumers(role, at_least=1, process=started)
-        record = load_trajectories()[single_chain_indices()[0]]
-        task = deployment.wait(deployment.submit(record["conversations"][0]["value"], record["tools"]), timeout_s=90)
-    finally:
-        events.stop()
+    process, _ = _celery(deployment, StepRole.CALLER, "-Q", queue, "-P", "threads", "-c", "4", UMI_TASK_EVENTS="true")
+    flower = _flower(deployment)  # started before the task: it follows task events as they come
+    for role, started in {**others, StepRole.CALLER: process}.items():
+        deployment.wait_for_consumers(role, at_least=1, process=started)
+    record = load_trajectories()[single_chain_indices()[0]]
+    task = deployment.wait(deployment.submit(record["conversations"][0]["value"], record["tools"]), timeout_s=90)
     assert task["status"] == "succeeded", task
-    assert "caller" in [step["role"] for step in task["steps"]]
+    caller_steps = [step for step in task["steps"] if step["role"] == "caller"]
+    assert caller_steps
 
-    # Flower lists workers through remote control and follows tasks through events.
-    replies = events.app.control.inspect(timeout=2).ping() or {}
-    caller_nodes = [name for name in replies if name.startswith("caller-")]
-    assert len(caller_nodes) == 1, replies  # a unique node name, not celery@<host>
-    received = {e["uuid"]: e for e in events.events if e["type"] == "task-received" and e["name"] == "umi.caller.step"}
-    succeeded = {e["uuid"] for e in events.events if e["type"] == "task-succeeded" and e["hostname"] == caller_nodes[0]}
-    assert received and set(received) <= succeeded, events.events
+    # Flower lists the worker (remote control) under a unique node name, not celery@<host> ...
+    workers: dict[str, Any] = {}
+    _wait_until(lambda: workers.update(_get(f"{flower}/api/workers?refresh=1") or {}) or workers, "Flower lists workers")
+    (node,) = [name for name in workers if name.startswith("caller-")]
+    # ... and, with UMI_TASK_EVENTS on, every caller step it ran.
+    def succeeded() -> list[dict[str, Any]]:
+        tasks = _get(f"{flower}/api/tasks") or {}
+        return [t for t in tasks.values() if t["name"] == "umi.caller.step" and t["state"] == "SUCCESS" and t["worker"] == node]
+    _wait_until(lambda: len(succeeded()) == len(caller_steps), f"Flower shows {len(caller_steps)} caller tasks done")
 
 
 def test_a_plain_celery_worker_consumes_only_its_roles_queue(deployment: Deployment) -> None:
