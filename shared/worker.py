@@ -290,6 +290,10 @@ def _on_worker_init(sender: str, instance: Any, **_: Any) -> None:
         prepare_worker(app)
     except (ConfigurationError, SchemaOutOfDate) as exc:
         _stop_at_start(app, exc)
+    except Exception:
+        # Celery would log a signal handler's error and start the worker anyway, unchecked.
+        logger.exception("%s worker: cannot start", role.value)
+        raise SystemExit(1) from None
     if instance.hostname == default_nodename(None):  # no -n given
         # A restarted container keeps its host name; the broker may still hold its dead
         # self's node queues (RESOURCE_LOCKED), so each process names itself anew.

@@ -123,14 +123,19 @@ def test_a_plain_celery_worker_consumes_only_its_roles_queue(deployment: Deploym
     assert f"a tools worker consumes only {deployment.topology.queue_name(StepRole.TOOLS)} (-Q" in log.read_text()
 
 
-def test_the_plain_celery_command_runs_the_start_up_checks(tmp_path: Path) -> None:
-    env = _env({"UMI_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}", "UMI_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"})
+@pytest.mark.parametrize(
+    ("database", "code", "message"),
+    [("sqlite:///{tmp}/empty.db", 2, "umi db upgrade"), ("postgresql://umi@127.0.0.1:1/umi", 1, "cannot start")],
+    ids=["outdated-schema", "database-unreachable"],
+)
+def test_the_plain_celery_command_runs_the_start_up_checks(tmp_path: Path, database: str, code: int, message: str) -> None:
+    env = _env({"UMI_DATABASE_URL": database.format(tmp=tmp_path), "UMI_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"})
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "services.summarizer.worker", "worker"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 2, result.stderr
-    assert "umi db upgrade" in result.stderr  # refused before it consumed anything
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr  # it stopped before it consumed anything
 
 
 def test_umi_worker_passes_options_it_does_not_know_on_to_celery_worker(deployment: Deployment) -> None:
