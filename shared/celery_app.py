@@ -75,7 +75,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_consumer": "shared.celery_app:DeadLetteringConsumer",
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        # UMI_TASK_EVENTS switches on what Flower and `celery events` read.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         "task_publish_retry": True,
         "task_publish_retry_policy": {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
     }

@@ -20,13 +20,26 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
-__all__ = ["SchemaOutOfDate", "ensure_schema_current", "get_engine", "session_scope", "upgrade_schema"]
+__all__ = [
+    "POOL_MAX_OVERFLOW",
+    "POOL_SIZE",
+    "SchemaOutOfDate",
+    "ensure_schema_current",
+    "get_engine",
+    "session_scope",
+    "upgrade_schema",
+]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 class SchemaOutOfDate(RuntimeError):
     """The database schema is not at the newest migration."""
+
+
+#: A process's PostgreSQL pool: at most POOL_SIZE + POOL_MAX_OVERFLOW connections (compose.yaml sizes
+#: the server's max_connections with it, docs/operations.md).
+POOL_SIZE, POOL_MAX_OVERFLOW = 20, 40
 
 
 @functools.cache
@@ -40,7 +53,9 @@ def get_engine(database_url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # Workers run many threads; size the pool for them and survive server restarts.
-    return create_engine(database_url, pool_size=20, max_overflow=40, pool_pre_ping=True, pool_recycle=1800)
+    return create_engine(
+        database_url, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW, pool_pre_ping=True, pool_recycle=1800
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

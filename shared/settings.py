@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     #: unreachable before it gives the message back to the queue (which spends a delivery).
     #: The message stays unacked meanwhile, so this stays under RabbitMQ's 30-minute consumer timeout.
     infra_retry_s: float = Field(default=60.0, ge=0, le=1500)
+    #: Celery task events (``task-sent``, ``task-started``, …) for Flower or ``celery events``;
+    #: off by default: every step would cost an event message more.
+    task_events: bool = False
 
     # --- SGLang servers, one per LLM role ----------------------------------
     planner_llm_url: str = "http://127.0.0.1:30001"

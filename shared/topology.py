@@ -13,7 +13,19 @@ Role queues are durable quorum queues (classic durable ones when
 when the broker gives up on a message (``x-delivery-limit``: a message that
 keeps killing its worker) and when a worker refuses a malformed message (it
 republishes it there with the reason in the ``x-umi-dead-letter-reason`` header).
+The broker dead-letters at least once (``x-dead-letter-strategy``, which needs
+``x-overflow: reject-publish``): a letter leaves a role queue only once the
+dead-letter queue has confirmed it.
+
+The dead-letter queue is a durable *classic* queue: a quorum queue always has a
+delivery limit on RabbitMQ 4 (20 by default), and ``x-delivery-limit: -1`` means
+"unlimited" only from 4.0 on (3.x drops every letter returned once), so a classic
+queue is the one that never drops a letter someone read and put back, on every version.
 The prefix ``umi`` is ``UMI_QUEUE_PREFIX``.
+
+Queue arguments cannot change on an existing queue: RabbitMQ refuses a declaration
+whose arguments differ (``PRECONDITION_FAILED``), so a change here reaches only
+fresh virtual hosts (docs/operations.md, "Upgrading the topology").
 """
 
 from __future__ import annotations
@@ -71,17 +83,13 @@ class Topology:
         }
         if self.quorum:
             arguments["x-delivery-limit"] = self.delivery_limit
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"  # at-least-once needs it (drop-head would drop)
         return Queue(name, self.exchange, routing_key=name, durable=True, queue_arguments=arguments)
 
     def dead_letter_queue(self) -> Queue:
-        """Where refused and poison messages end up, with their reason."""
-        return Queue(
-            self.dead_letter_queue_name,
-            self.dead_letter_exchange,
-            routing_key="#",
-            durable=True,
-            queue_arguments=self._queue_type(),
-        )
+        """Where refused and poison messages end up, with their reason: durable, classic, no delivery limit."""
+        return Queue(self.dead_letter_queue_name, self.dead_letter_exchange, routing_key="#", durable=True)
 
     def all_queues(self) -> list[Queue]:
         """Every queue of the deployment, role queues first."""

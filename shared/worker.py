@@ -18,19 +18,31 @@ broker actions:
 A worker that stops on an unrecoverable error exits non-zero (:func:`run_worker`).
 Each job is counted in :mod:`shared.metrics` (queue wait, in progress, retries and
 dead letters by kind); the start-up serves them on ``UMI_METRICS_PORT``.
+
+The plain ``celery`` command runs a role exactly as ``umi worker`` does, because
+what a role worker does before it consumes hangs on Celery's own worker signals
+(:func:`prepare_worker`, a unique node name, only the role's queue)::
+
+    celery -A services.caller.worker worker -Q umi.caller -P threads -c 32
+    umi worker caller --concurrency 32 -- --max-tasks-per-child 100   # the same, options passed on
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import click
 import stamina
-from celery import Celery
+from celery import Celery, signals
+from celery.app import trace
+from celery.bin.celery import celery as celery_command
 from celery.exceptions import Reject
+from celery.utils.nodenames import default_nodename
 from celery.worker.request import Request
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.message import Message
@@ -39,15 +51,24 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from shared.celery_app import create_celery_app, dead_letter_message, worker_node_name
+from shared.db import SchemaOutOfDate, ensure_schema_current
 from shared.dispatch import CeleryDispatcher
 from shared.envelope import describe_validation_error
 from shared.lifecycle import EndReason
-from shared.metrics import PUBLISHED_AT_HEADER, DeadLetterKind, RetryKind, job_in_progress, observe_queue_wait, observe_retries, serve_metrics
+from shared.metrics import (
+    PUBLISHED_AT_HEADER,
+    DeadLetterKind,
+    RetryKind,
+    job_in_progress,
+    observe_queue_wait,
+    observe_retries,
+    serve_metrics,
+)
 from shared.pipeline import JobOutcome, PoisonJob, Runtime, end_task
 from shared.redaction import bound_text, secrets_redactor
 from shared.roles import StepRole
 from shared.schemas import StepJob
-from shared.settings import Settings
+from shared.settings import ConfigurationError, Settings
 from shared.topology import Topology, task_name
 
 __all__ = [
@@ -56,9 +77,12 @@ __all__ = [
     "StepHandler",
     "create_worker_app",
     "is_transient",
+    "module_app",
+    "prepare_worker",
     "run_job",
     "run_worker",
     "start_worker_thread",
+    "worker_arguments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,7 +208,9 @@ def create_worker_app(
     resources from the runtime and raises ``ConfigurationError`` naming what is wrong.
     """
     app = create_celery_app(settings, name=f"umi.{role.value}")
-    app.conf.umi_role = role.value
+    # Defaults of a plain `celery worker` (its -P / -c override them); the role marks the app
+    # for the worker signals below.
+    app.conf.update(worker_pool="threads", worker_concurrency=settings.worker_concurrency, umi_role=role)
     runtime = _RuntimeHolder(app, settings)
 
     def start() -> None:
@@ -237,32 +263,133 @@ def create_worker_app(
     return app
 
 
+def module_app(create_app: Callable[[], Celery]) -> Callable[[str], Celery]:
+    """A worker module's ``__getattr__`` giving it a module-level ``app``, built on first use.
+
+    ``celery -A services.<role>.worker`` finds ``app`` there; importing the module reads no
+    settings and needs no broker.
+    """
+    cache: list[Celery] = []
+
+    def __getattr__(name: str) -> Celery:
+        if name != "app":
+            raise AttributeError(name)
+        if not cache:
+            cache.append(create_app())
+        return cache[0]
+
+    return __getattr__
+
+
 def _start_up(app: Celery) -> None:
     """Run the role's start-up check (builds the runtime and the role's resources), then serve its metrics
     on ``UMI_METRICS_PORT`` (if set) before anything is consumed."""
     app.conf.umi_start_up()
 
 
-def run_worker(app: Celery, role: StepRole, settings: Settings, *, concurrency: int, loglevel: str = "INFO") -> int:
+def prepare_worker(app: Celery) -> None:
+    """What a role worker does before it consumes, however it is started; once per app.
+
+    Refuses an outdated schema (``SchemaOutOfDate``), declares the whole topology, and
+    runs the role's start-up check (``ConfigurationError`` naming what is wrong).
+    """
+    if getattr(app.conf, "umi_prepared", False):
+        return
+    settings: Settings = app.conf.umi_settings
+    ensure_schema_current(settings.database_url)
+    with app.connection_for_write() as connection:
+        Topology(settings).declare(connection)  # the whole topology, before consuming
+    _start_up(app)
+    app.conf.umi_prepared = True
+
+
+def _stop_at_start(app: Celery, exc: Exception) -> None:
+    """Stop a worker whose configuration cannot work: the message on stderr, exit code 2."""
+    print(f"{app.main} worker: {exc}", file=sys.stderr)
+    raise SystemExit(2) from exc
+
+
+@signals.celeryd_init.connect
+def _on_worker_init(sender: str, instance: Any, **_: Any) -> None:
+    """``celery worker`` (and ``umi worker``) of a role app: prepare it and give it a unique node name."""
+    app = instance.app
+    role: StepRole | None = getattr(app.conf, "umi_role", None)
+    if role is None:  # not a role worker's app
+        return
+    try:
+        prepare_worker(app)
+    except (ConfigurationError, SchemaOutOfDate) as exc:
+        _stop_at_start(app, exc)
+    except Exception:
+        # Celery would log a signal handler's error and start the worker anyway, unchecked.
+        logger.exception("%s worker: cannot start", role.value)
+        raise SystemExit(1) from None
+    if instance.hostname == default_nodename(None):  # no -n given
+        # A restarted container keeps its host name; the broker may still hold its dead
+        # self's node queues (RESOURCE_LOCKED), so each process names itself anew.
+        instance.hostname = worker_node_name(role)
+        trace.setup_worker_optimizations(app, instance.hostname)
+
+
+@signals.celeryd_after_setup.connect
+def _on_worker_setup(sender: str, instance: Any, **_: Any) -> None:
+    """A role worker consumes its own queue only: the default without ``-Q``; another queue is refused."""
+    app = instance.app
+    role: StepRole | None = getattr(app.conf, "umi_role", None)
+    if role is None:
+        return
+    own = Topology(app.conf.umi_settings).queue_name(role)
+    queues = app.amqp.queues
+    selected = set(queues.consume_from)
+    if selected == set(queues):  # no -Q: Celery would consume every queue of the topology
+        queues.select([own])
+    elif selected != {own}:
+        _stop_at_start(
+            app, ConfigurationError(f"a {role.value} worker consumes only {own} (-Q {own}), not {', '.join(sorted(selected))}")
+        )
+
+
+def worker_arguments(role: StepRole, settings: Settings, *, concurrency: int, loglevel: str = "INFO") -> list[str]:
+    """The ``celery worker`` arguments ``umi worker <role>`` runs with."""
+    return [
+        "worker",
+        "--queues", Topology(settings).queue_name(role),
+        "--pool", "threads",
+        "--concurrency", str(concurrency),
+        "--loglevel", loglevel.upper(),
+        # No peer-to-peer chatter between workers: they share nothing but the queues.
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]
+
+
+def run_worker(
+    app: Celery,
+    role: StepRole,
+    settings: Settings,
+    *,
+    concurrency: int,
+    loglevel: str = "INFO",
+    celery_args: Sequence[str] = (),
+) -> int:
     """Run the worker in the foreground (``umi worker <role>``) until SIGTERM/SIGINT; its exit code.
 
+    It is Celery's own ``celery worker`` command on ``app`` with :func:`worker_arguments`
+    and then ``celery_args`` (any further ``celery worker`` option; a later one wins).
     The role's start-up check runs first (its ``ConfigurationError`` propagates). The
     code is 0 after a warm shutdown and non-zero when the worker stopped on an
     unrecoverable error, so a supervisor sees the failure.
     """
-    _start_up(app)
-    worker = app.Worker(
-        hostname=worker_node_name(role),
-        queues=[Topology(settings).queue_name(role)],
-        pool_cls="threads",
-        concurrency=concurrency,
-        loglevel=loglevel.upper(),
-        without_gossip=True,
-        without_mingle=True,
-        without_heartbeat=True,
-    )
-    worker.start()
-    return int(worker.exitcode or 0)
+    prepare_worker(app)
+    argv = [*worker_arguments(role, settings, concurrency=concurrency, loglevel=loglevel), *celery_args]
+    celery_command.params[0].default = app  # the command's -A, as Celery.start() sets it
+    try:
+        code = celery_command.main(args=argv, prog_name="celery", standalone_mode=False)
+    except click.ClickException as exc:  # a forwarded option Celery does not know
+        exc.show()
+        return exc.exit_code
+    finally:
+        celery_command.params[0].default = None
+    return int(code or 0)
 
 
 def start_worker_thread(app: Celery, role: StepRole, settings: Settings, *, concurrency: int) -> Callable[[], None]:

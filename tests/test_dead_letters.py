@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -128,3 +129,32 @@ def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_by_the_broker_
         assert [step["role"] for step in task["steps"]] == ["user", "planner"]
     finally:
         system.close()
+
+
+def _queue_arguments(system: Deployment) -> dict[str, dict[str, object]]:
+    """Each queue of the deployment's vhost: its type and arguments, as RabbitMQ holds them."""
+    vhost = unquote(urlsplit(system.settings.broker_url).path[1:]) or "/"
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "type", "arguments", "--formatter", "json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    return {
+        queue["name"]: {"type": queue["type"], **{name: value for name, _kind, value in queue["arguments"]}}
+        for queue in json.loads(listed.stdout)
+    }
+
+
+def test_role_queues_dead_letter_at_least_once_into_a_queue_with_no_delivery_limit(planner_only: Deployment) -> None:
+    queues = _queue_arguments(planner_only)
+    topology = planner_only.topology
+    planner = queues[topology.queue_name(StepRole.PLANNER)]
+    assert planner["type"] == "quorum"
+    assert planner["x-dead-letter-strategy"] == "at-least-once" and planner["x-overflow"] == "reject-publish"
+    letters = queues[topology.dead_letter_queue_name]
+    assert letters["type"] == "classic" and "x-delivery-limit" not in letters
+
+    marker = f"reread-{uuid.uuid4().hex}"
+    _publish(planner_only, celery_body(marker), celery_headers("umi.unknown.step"))
+    _wait_for_letter(planner_only, marker)
+    for _ in range(25):  # more often than RabbitMQ 4's default delivery limit of 20
+        assert marker in "".join(letter.body for letter in drain_dead_letters(planner_only.settings.broker_url, topology, limit=500))

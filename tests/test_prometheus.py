@@ -30,7 +30,15 @@ from shared.topology import QUEUE_ROLES, task_name
 from tests.conftest import load_trajectories, single_chain_indices
 from tests.messages import celery_headers, confirmed_channel, publish
 from umi.deployment import Deployment
-from umi.prometheus import PROMETHEUS_CONFIG, PrometheusServer, Sample, grafana_expr, load_dashboard, local_scrape_config, start_observed
+from umi.prometheus import (
+    PROMETHEUS_CONFIG,
+    PrometheusServer,
+    Sample,
+    grafana_expr,
+    load_dashboard,
+    local_scrape_config,
+    start_observed,
+)
 
 RULES = PROMETHEUS_CONFIG.parent / "alerts.yml"
 #: The worker jobs only: the gateway here serves this test process's own registry, which also

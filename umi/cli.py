@@ -3,7 +3,7 @@
 ::
 
     umi up [--port 8000]                       everything in one process (no GPU, no broker)
-    umi worker planner|caller|summarizer|tools [--concurrency N] [--metrics-port P]
+    umi worker planner|caller|summarizer|tools [--concurrency N] [--metrics-port P] [-- celery worker options]
     umi gateway [--host H] [--port P]
     umi submit "<query>" --tools FILE [--wait]
     umi sim serve --data FILE [--data FILE ...] --port P [--role planner]
@@ -57,7 +57,13 @@ def _log_level(value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``umi``; returns the process exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `umi worker` passes what it does not know on to `celery worker`
+        if getattr(args, "func", None) is not _cmd_worker:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if "--" in unknown:  # argparse keeps the separator when a subcommand parsed options before it
+            unknown.remove("--")
+        args.celery_args = unknown
     logging.basicConfig(level=getattr(args, "loglevel", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
     try:
@@ -82,7 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--loglevel", type=_log_level, default="WARNING")
     up.set_defaults(func=_cmd_up)
 
-    worker = sub.add_parser("worker", help="run one role's worker service")
+    worker = sub.add_parser(
+        "worker",
+        help="run one role's worker service",
+        description="Runs `celery worker` on the role's app (services/<role>/worker.py); options it does not "
+        "know, or all after `--`, are passed on to `celery worker` (e.g. -- --max-tasks-per-child 100 -E).",
+    )
     worker.add_argument("role", choices=WORKER_ROLES)
     worker.add_argument("--concurrency", type=int, default=None, help="threads (default UMI_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", type=_log_level, default="INFO")
@@ -179,17 +190,20 @@ def _wait_for_signal() -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from shared.db import ensure_schema_current
-    from shared.topology import Topology
     from shared.worker import run_worker
 
     settings = get_settings() if args.metrics_port is None else load_settings(metrics_port=args.metrics_port)
-    ensure_schema_current(settings.database_url)
     role = StepRole(args.role)
+    # The app `celery -A services.<role>.worker` runs, built from these settings (--metrics-port).
     app = importlib.import_module(f"services.{role.value}.worker").create_app(settings)
-    with app.connection_for_write() as connection:
-        Topology(settings).declare(connection)  # the whole topology, before consuming
-    return run_worker(app, role, settings, concurrency=args.concurrency or settings.worker_concurrency, loglevel=args.loglevel)
+    return run_worker(
+        app,
+        role,
+        settings,
+        concurrency=args.concurrency or settings.worker_concurrency,
+        loglevel=args.loglevel,
+        celery_args=getattr(args, "celery_args", ()),
+    )
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
