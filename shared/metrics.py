@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from shared.lifecycle import TERMINAL_STATUSES, TaskStatus
 from shared.models import Step, Task
+from shared.roles import LLMRole
 from shared.settings import ConfigurationError
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "observe_retries",
     "observe_stored_step",
     "observe_tool_call",
+    "initialize_role_metrics",
     "serve_metrics",
 ]
 
@@ -139,6 +141,30 @@ DEAD_LETTERS = Counter(
     ["role", "reason"],
 )
 JOBS_IN_PROGRESS = Gauge("umi_jobs_in_progress", "Jobs a worker is running now.", ["role"])
+
+
+def initialize_role_metrics(role: str) -> None:
+    """Create ``role``'s labelled series at zero before its worker consumes.
+
+    A series that appears only at its first event hides that event from ``rate()`` and
+    ``increase()`` (there is no earlier sample to compare with) and from alerts, so each
+    worker exports every series it can move, at 0, from its start.
+    """
+    QUEUE_WAIT.labels(role=role)
+    JOBS_IN_PROGRESS.labels(role=role)
+    for outcome in ("continued", *(status.value for status in TERMINAL_STATUSES)):
+        STEP_DURATION.labels(role=role, outcome=outcome)
+    for kind in RetryKind:
+        RETRIES.labels(role=role, kind=kind.value)
+    for reason in DeadLetterKind:
+        DEAD_LETTERS.labels(role=role, reason=reason.value)
+    if role in {llm_role.value for llm_role in LLMRole}:
+        for outcome in ("ok", "error"):
+            LLM_REQUEST_DURATION.labels(role=role, outcome=outcome)
+        for kind in ("prompt", "completion", "cached"):
+            LLM_TOKENS.labels(role=role, kind=kind)
+    for status in TERMINAL_STATUSES:
+        TASKS.labels(status=status.value)
 
 
 def observe_queue_wait(role: str, published_at: Any) -> None:

@@ -59,6 +59,7 @@ from shared.metrics import (
     PUBLISHED_AT_HEADER,
     DeadLetterKind,
     RetryKind,
+    initialize_role_metrics,
     job_in_progress,
     observe_queue_wait,
     observe_retries,
@@ -218,6 +219,7 @@ def create_worker_app(
             start_up(runtime.get())
         else:
             runtime.get()
+        initialize_role_metrics(role.value)
         serve_metrics(settings.metrics_port)
 
     app.conf.umi_start_up = start
