@@ -127,11 +127,10 @@ def run_job(handler: StepHandler, job: StepJob, rt: Runtime, *, redelivered: boo
     except InfrastructureUnavailable:
         raise
     except Exception as exc:
-        redact = secrets_redactor(rt.settings)
-        error = bound_text(redact(f"{job.role.value} worker: {_describe(exc)}"))
+        error = f"{job.role.value} worker: {_describe(exc)}"  # end_task masks and bounds it
         logger.error(
             "task %s step %d: unexpected error, ending the task: %s",
-            job.task_id, job.step_index, bound_text(redact(traceback.format_exc())),
+            job.task_id, job.step_index, bound_text(secrets_redactor(rt.settings)(traceback.format_exc())),
         )
         return _retrying_in_place(
             job,
