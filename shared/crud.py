@@ -19,7 +19,7 @@ from shared.lifecycle import ACTIVE_STATUSES, Actor, EndReason
 from shared.models import Step, Task, ToolCall, ToolCallStatus, utcnow
 from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output, parse_planner_output
 from shared.roles import StepRole
-from shared.schemas import StepPublic, TaskCreate, TaskPublic
+from shared.schemas import StepPublic, TaskCreate, TaskOrigin, TaskPublic
 
 __all__ = [
     "ClaimState",
@@ -31,6 +31,7 @@ __all__ = [
     "fail_overdue_tasks",
     "get_step",
     "get_task",
+    "get_task_by_idempotency_key",
     "list_steps",
     "renew_tool_call_leases",
     "steps_to_turns",
@@ -39,9 +40,22 @@ __all__ = [
 ]
 
 
-def create_task(*, session: Session, task_in: TaskCreate, max_steps: int, timeout_s: float, constrained: bool) -> Task:
-    """Insert a queued task, its step 0 (the user's query) and any history it continues from."""
+def create_task(
+    *,
+    session: Session,
+    task_in: TaskCreate,
+    max_steps: int,
+    timeout_s: float,
+    constrained: bool,
+    origin: TaskOrigin | None = None,
+) -> Task:
+    """Insert a queued task, its step 0 (the user's query) and any history it continues from.
+
+    ``origin`` says whose task it is and how it came (tenant, idempotency key, AMQP reply
+    address); without it the task belongs to the default tenant.
+    """
     now = utcnow()
+    origin = origin or TaskOrigin()
     task = Task.model_validate(
         task_in,
         update={
@@ -51,6 +65,7 @@ def create_task(*, session: Session, task_in: TaskCreate, max_steps: int, timeou
             "deadline_at": now + timedelta(seconds=timeout_s),
             "created_at": now,
             "updated_at": now,
+            **origin.model_dump(),
         },
     )
     session.add(task)
@@ -74,9 +89,16 @@ def _history_step(task_id: uuid.UUID, index: int, turn: Turn, now: datetime) -> 
     return step
 
 
-def get_task(*, session: Session, task_id: uuid.UUID, for_update: bool = False) -> Task | None:
-    """The task, optionally row-locked (PostgreSQL) for a status transition."""
+def get_task(
+    *, session: Session, task_id: uuid.UUID, for_update: bool = False, tenant_id: uuid.UUID | None = None
+) -> Task | None:
+    """The task, optionally row-locked (PostgreSQL) for a status transition.
+
+    With ``tenant_id`` only that tenant's task: another tenant's is ``None``, as if it did not exist.
+    """
     statement = select(Task).where(Task.id == task_id)
+    if tenant_id is not None:
+        statement = statement.where(Task.tenant_id == tenant_id)
     if for_update:
         statement = statement.with_for_update()
     return session.exec(statement).first()
@@ -102,9 +124,14 @@ def steps_to_turns(steps: list[Step]) -> list[Turn]:
     return [Turn(speaker=Speaker.for_step(step.role), value=step.output) for step in steps]
 
 
-def cancel_task(*, session: Session, task_id: uuid.UUID) -> Task | None:
-    """Cancel a task unless it already ended; returns the task (None if unknown)."""
-    task = get_task(session=session, task_id=task_id, for_update=True)
+def get_task_by_idempotency_key(*, session: Session, tenant_id: uuid.UUID, key: str) -> Task | None:
+    """The tenant's task submitted with idempotency key ``key``, if any."""
+    return session.exec(select(Task).where(Task.tenant_id == tenant_id, Task.idempotency_key == key)).first()
+
+
+def cancel_task(*, session: Session, task_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> Task | None:
+    """Cancel a task unless it already ended; returns the task (None if unknown, or another tenant's)."""
+    task = get_task(session=session, task_id=task_id, for_update=True, tenant_id=tenant_id)
     if task is not None and not lifecycle.is_terminal(task.status):
         lifecycle.finish(task, reason=EndReason.CANCELLED, by=Actor.CLIENT, error="cancelled by request")
     return task

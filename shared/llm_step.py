@@ -18,7 +18,7 @@ from collections.abc import Callable
 from shared.lifecycle import EndReason
 from shared.llm import ALL_CONSTRAINT_KINDS, build_role_request, client_for_role, fit_to_context, server_constraint_kinds
 from shared.metrics import RetryKind, observe_llm_request, observe_llm_tokens, observe_retries
-from shared.models import TaskMode
+from shared.models import TaskMode, utcnow
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
 from shared.prompts import (
     NONE_OUTPUT,
@@ -120,6 +120,7 @@ def run_llm_step(
         max_new_tokens=context.task.max_new_tokens,
     )
     started = time.monotonic()
+    started_at = utcnow()
     client = llm_client(rt, llm_role)
     # The static evaluation keeps outputs as GLPFT's infer_pipeline does and never asks again.
     static = context.task.mode == TaskMode.STATIC_STEP
@@ -153,6 +154,7 @@ def run_llm_step(
             "completion_tokens": completion_tokens,
             "cached_tokens": cached_tokens,
             "latency_s": time.monotonic() - started,
+            "started_at": started_at,
             "attempts": attempts,
         }
     )

@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Enum, ForeignKey, UniqueConstraint
+from sqlalchemy import JSON, Column, Enum, ForeignKey, Index, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from shared.lifecycle import EndReason, TaskStatus, utcnow
@@ -28,6 +28,9 @@ from shared.roles import StepRole
 from shared.sqltypes import SafeString, SafeText
 
 __all__ = [
+    "ApiKey",
+    "DEFAULT_TENANT_ID",
+    "DEFAULT_TENANT_NAME",
     "Step",
     "StepBase",
     "StepContent",
@@ -36,6 +39,8 @@ __all__ = [
     "TaskGeneration",
     "TaskMode",
     "TaskState",
+    "Tenant",
+    "TenantRate",
     "ToolCall",
     "ToolCallStatus",
     "enum_column",
@@ -96,14 +101,78 @@ class TaskState(TaskBase):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+#: The tenant every task belongs to when ``UMI_AUTH=off`` (and tasks stored before tenants existed).
+DEFAULT_TENANT_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
+DEFAULT_TENANT_NAME = "default"
+
+
+class Tenant(SQLModel, table=True):
+    """A client of the product (another backend): its tasks are invisible to every other tenant.
+
+    The limits are this tenant's own; ``None`` takes the ``UMI_TENANT_*`` default.
+    """
+
+    __tablename__ = "umi_tenant"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    rate_per_s: float | None = None
+    burst: int | None = None
+    max_in_flight: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key of a tenant, stored as its SHA-256 (the key itself is shown once, at creation)."""
+
+    __tablename__ = "umi_api_key"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(sa_column=Column(ForeignKey("umi_tenant.id", ondelete="CASCADE"), index=True, nullable=False))
+    #: The key's first characters, shown by ``umi keys list`` so an operator can tell keys apart.
+    prefix: str = Field(max_length=16)
+    key_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class TenantRate(SQLModel, table=True):
+    """A tenant's request-rate state (GCRA's theoretical arrival time), shared by every gateway replica."""
+
+    __tablename__ = "umi_tenant_rate"
+
+    tenant_id: uuid.UUID = Field(sa_column=Column(ForeignKey("umi_tenant.id", ondelete="CASCADE"), primary_key=True))
+    #: Seconds since the epoch at which the tenant's bucket is empty again.
+    tat: float = 0.0
+
+
 class Task(TaskState, TaskGeneration, table=True):
     """One agent task: a query, its tools, and how it ended (status changes: :mod:`shared.lifecycle`)."""
 
     __tablename__ = "umi_task"
+    __table_args__ = (
+        # One task per idempotency key and tenant (NULL keys never collide).
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_umi_task_tenant_idempotency_key"),
+        # Keyset pagination of a tenant's tasks, newest first.
+        Index("ix_umi_task_tenant_created", "tenant_id", "created_at", "id"),
+    )
 
+    tenant_id: uuid.UUID = Field(
+        default=DEFAULT_TENANT_ID, sa_column=Column(ForeignKey("umi_tenant.id"), nullable=False, index=True)
+    )
+    idempotency_key: str | None = Field(default=None, max_length=255, sa_type=SafeString(255))
+    #: SHA-256 of the request the key was first used with: the same key with another request is refused.
+    request_fingerprint: str | None = Field(default=None, max_length=64)
+    #: AMQP ingress: where the final state is published, and the correlation id it carries.
+    reply_to: str | None = Field(default=None, max_length=255, sa_type=SafeString(255))
+    correlation_id: str | None = Field(default=None, max_length=255, sa_type=SafeString(255))
     tools: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
     constrained: bool
     finished_at: datetime | None = None
+    #: Outbox: when the first planner job was confirmed by the broker (NULL: still to publish).
+    enqueued_at: datetime | None = None
+    #: When the end event (and the reply, if any) was confirmed by the broker (NULL: still to publish).
+    end_published_at: datetime | None = None
 
 
 class StepBase(SQLModel):
@@ -118,6 +187,8 @@ class StepBase(SQLModel):
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     latency_s: float | None = None
+    #: When the role began producing the step (NULL for the user's query and given history).
+    started_at: datetime | None = None
 
 
 class StepContent(StepBase):
@@ -132,12 +203,23 @@ class Step(StepContent, table=True):
     """One turn of a task's trajectory (user query, planner, caller, observation, answer)."""
 
     __tablename__ = "umi_step"
-    __table_args__ = (UniqueConstraint("task_id", "index", name="uq_umi_step_task_index"),)
+    __table_args__ = (
+        UniqueConstraint("task_id", "index", name="uq_umi_step_task_index"),
+        # The event relay's work list stays small however many steps are stored.
+        Index(
+            "ix_umi_step_unpublished",
+            "id",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     task_id: uuid.UUID = Field(sa_column=Column(ForeignKey("umi_task.id", ondelete="CASCADE"), index=True, nullable=False))
     index: int
     created_at: datetime = Field(default_factory=utcnow)
+    #: When the step's event on ``umi.events`` was confirmed by the broker (NULL: still to publish).
+    published_at: datetime | None = None
 
 
 class ToolCallStatus(StrEnum):

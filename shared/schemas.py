@@ -15,15 +15,22 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from shared.lifecycle import TERMINAL_STATUSES, EndReason, TaskStatus
-from shared.models import StepBase, TaskBase, TaskGeneration, TaskMode, TaskState
+from shared.models import DEFAULT_TENANT_ID, StepBase, TaskBase, TaskGeneration, TaskMode, TaskState
 from shared.prompts import Speaker, ToolDoc, Turn
 from shared.roles import StepRole
 
 __all__ = [
+    "EVENT_SCHEMA_VERSION",
     "EndReason",
+    "ErrorBody",
+    "ErrorDetail",
+    "IngressEnvelope",
+    "StepEvent",
+    "TaskPage",
+    "TaskSummary",
     "StepJob",
     "StepPublic",
     "RecordedTaskCreate",
@@ -31,6 +38,7 @@ __all__ = [
     "TaskCreate",
     "TaskPublic",
     "TaskMode",
+    "TaskOrigin",
     "TaskStatus",
     "TERMINAL_STATUSES",
 ]
@@ -128,6 +136,21 @@ class RecordedTaskCreate(TaskCreate):
         return tools
 
 
+class TaskOrigin(BaseModel):
+    """Whose a task is and how it came: stored with it, never part of a request body."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: uuid.UUID = DEFAULT_TENANT_ID
+    #: ``Idempotency-Key`` header (HTTP) or ``message_id`` (AMQP): one task per key and tenant.
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    #: SHA-256 of the request, so a key reused for another request is refused, not answered wrongly.
+    request_fingerprint: str | None = None
+    #: AMQP ingress: the queue the final state is published to, and the correlation id it carries.
+    reply_to: str | None = Field(default=None, max_length=255)
+    correlation_id: str | None = Field(default=None, max_length=255)
+
+
 class TaskAccepted(BaseModel):
     """``202`` response to ``POST /v1/tasks``."""
 
@@ -136,13 +159,68 @@ class TaskAccepted(BaseModel):
 
 
 class StepPublic(StepBase):
-    """One step of a task as the API shows it."""
+    """One step of a task as the API shows it: its content, timing and token usage."""
 
     index: int
     created_at: datetime
+    #: Shown as ``latency_ms``.
+    latency_s: float | None = Field(default=None, exclude=True)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def latency_ms(self) -> float | None:
+        """How long the role took to produce the step (LLM or tool call), in milliseconds."""
+        return None if self.latency_s is None else round(self.latency_s * 1000, 3)
 
 
 class TaskPublic(TaskState):
-    """``GET /v1/tasks/{id}`` response."""
+    """``GET /v1/tasks/{id}`` response, the ``end`` event's data and the AMQP reply: a task and its steps."""
 
     steps: list[StepPublic]
+
+
+class TaskSummary(TaskState):
+    """One task in ``GET /v1/tasks`` (without its steps)."""
+
+
+class TaskPage(BaseModel):
+    """A page of ``GET /v1/tasks``, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    items: list[TaskSummary]
+    next_cursor: str | None = None
+
+
+class StepEvent(StepPublic):
+    """A stored step as an event (SSE ``step``; AMQP ``umi.events``, routing key ``task.<id>.step``)."""
+
+    task_id: uuid.UUID
+
+
+EVENT_SCHEMA_VERSION = 1
+
+
+class IngressEnvelope(BaseModel):
+    """The body of a message on ``umi.ingress``: a task as ``POST /v1/tasks`` takes it.
+
+    The AMQP properties carry the rest: ``message_id`` (the idempotency key),
+    ``correlation_id``, optional ``reply_to``, and the API key in the ``x-api-key`` header.
+    """
+
+    model_config = ConfigDict(extra="forbid", title="UmiIngressEnvelope")
+
+    schema_version: Literal[1]
+    task: TaskCreate
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable ``type``, a readable ``message``, and the offending fields if any."""
+
+    type: str
+    message: str
+    detail: list[dict[str, object]] | None = None
+
+
+class ErrorBody(BaseModel):
+    """An error answered over AMQP (to ``reply_to``) and by the gateway's non-validation errors."""
+
+    error: ErrorDetail

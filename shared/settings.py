@@ -102,8 +102,24 @@ class Settings(BaseSettings):
     #: the call over only once the lease lapsed (its worker died).
     tools_lease_s: float = Field(default=30.0, gt=0)
 
-    # --- gateway ---------------------------------------------------------------
+    # --- ingress: gateway and AMQP ---------------------------------------------
     gateway_url: str = "http://127.0.0.1:8000"
+    #: API keys required (``Authorization: Bearer`` over HTTP, ``x-api-key`` over AMQP). ``off``
+    #: puts every task in the ``default`` tenant; only for a machine nobody else reaches.
+    auth: bool = True
+    #: The API key ``umi submit`` and the Python client send (``umi keys create`` prints one).
+    api_key: SecretStr | None = None
+    #: Per-tenant request rate (requests per second, sustained) and burst, unless the tenant has its own.
+    tenant_rate_per_s: float = Field(default=50.0, gt=0)
+    tenant_burst: int = Field(default=100, ge=1)
+    #: Per-tenant tasks not yet ended (queued or running), unless the tenant has its own.
+    tenant_max_in_flight: int = Field(default=1000, ge=1)
+    #: Largest request body the gateway reads (bytes); a larger one is refused with 413 unread.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    #: How often the relay looks for unpublished first jobs (the outbox), step events and task ends.
+    relay_interval_s: float = Field(default=0.2, gt=0)
+    #: How long a publish from the request path may wait for the broker before the outbox takes over.
+    publish_timeout_s: float = Field(default=2.0, gt=0)
 
     @field_validator("tools_allow_hosts", mode="before")
     @classmethod

@@ -31,6 +31,10 @@ TRAIN_DIR = REPO / "tests" / "data" / "toolbench-train-example"
 TRAIN_FILES = [TRAIN_DIR / f"train_{role}.json" for role in ("planner", "caller", "summarizer")]
 UMI = REPO / ".venv" / "bin" / "umi"
 
+# The pipeline's tests run as the default tenant (their processes inherit this); the tests of
+# tenants, keys and limits turn authentication on in the settings they build.
+os.environ.setdefault("UMI_AUTH", "off")
+
 RABBITMQ_HOST = os.environ.get("UMI_TEST_RABBITMQ_HOST", "127.0.0.1:5672")
 POSTGRES_ADMIN_URL = os.environ.get("UMI_TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

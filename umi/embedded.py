@@ -41,6 +41,8 @@ def embedded_settings(environ: dict[str, str] | None = None, **overrides: object
     values: dict[str, object] = {}
     if "UMI_BROKER_URL" not in env:
         values["broker_url"] = EMBEDDED_BROKER_URL
+    if "UMI_AUTH" not in env:
+        values["auth"] = False  # a laptop's system; the gateway says so at start-up
     if "UMI_TOOLS_MIRROR" not in env:
         values["tools_mirror"] = BUNDLED_TRAJECTORIES
     simulated = [role for role in LLMRole if f"UMI_{role.value.upper()}_LLM_URL" not in env]

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request, Response, status
 
+from services.gateway.auth import CurrentTenant
 from services.gateway.sweep import DeadlineSweeper
 from shared import crud
 from shared.celery_app import create_celery_app
@@ -26,7 +27,7 @@ from shared.context_window import PromptDoesNotFit
 from shared.db import ensure_schema_current, get_engine, session_scope
 from shared.dispatch import CeleryDispatcher, Dispatcher
 from shared.metrics import CONTENT_TYPE, exposition
-from shared.schemas import TaskAccepted, TaskCreate, TaskPublic
+from shared.schemas import TaskAccepted, TaskCreate, TaskOrigin, TaskPublic
 from shared.settings import Settings, get_settings
 from shared.tasks import EnqueueError, submit_task
 from shared.topology import Topology
@@ -43,6 +44,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ensure_schema_current(settings.database_url)
+        if not settings.auth:
+            logger.warning("UMI_AUTH=off: no API keys are checked; every task belongs to the default tenant")
         app.state.engine = get_engine(settings.database_url)
         if dispatcher is None:
             celery_app = create_celery_app(settings, name="umi.gateway")
@@ -59,13 +62,18 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         await asyncio.to_thread(app.state.sweeper.close)
 
     app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
 
     @app.post("/v1/tasks", status_code=status.HTTP_202_ACCEPTED, response_model=TaskAccepted)
-    def create_task(task_in: TaskCreate, request: Request) -> TaskAccepted:
+    def create_task(task_in: TaskCreate, request: Request, tenant: CurrentTenant) -> TaskAccepted:
         """Accept a task; the planner takes its first step asynchronously."""
         try:
             task = submit_task(
-                engine=request.app.state.engine, dispatcher=request.app.state.dispatcher, settings=settings, task_in=task_in
+                engine=request.app.state.engine,
+                dispatcher=request.app.state.dispatcher,
+                settings=settings,
+                task_in=task_in,
+                origin=TaskOrigin(tenant_id=tenant.id),
             )
         except PromptDoesNotFit as exc:
             # The same shape as FastAPI's own 422s, naming the field.
@@ -76,19 +84,19 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         return TaskAccepted(id=task.id, status=task.status)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskPublic)
-    def read_task(task_id: uuid.UUID, request: Request) -> TaskPublic:
+    def read_task(task_id: uuid.UUID, request: Request, tenant: CurrentTenant) -> TaskPublic:
         """A task's status, answer and steps so far."""
         with session_scope(request.app.state.engine) as session:
-            task = crud.get_task(session=session, task_id=task_id)
+            task = crud.get_task(session=session, task_id=task_id, tenant_id=tenant.id)
             if task is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id}")
             return crud.task_public(task=task, steps=crud.list_steps(session=session, task_id=task_id))
 
     @app.post("/v1/tasks/{task_id}/cancel", response_model=TaskPublic)
-    def cancel_task(task_id: uuid.UUID, request: Request) -> TaskPublic:
+    def cancel_task(task_id: uuid.UUID, request: Request, tenant: CurrentTenant) -> TaskPublic:
         """Cancel a task; a task that already ended is returned unchanged."""
         with session_scope(request.app.state.engine) as session:
-            task = crud.cancel_task(session=session, task_id=task_id)
+            task = crud.cancel_task(session=session, task_id=task_id, tenant_id=tenant.id)
             if task is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id}")
             return crud.task_public(task=task, steps=crud.list_steps(session=session, task_id=task_id))

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -181,6 +182,13 @@ def _run_and_store(job: StepJob, rt: Runtime, context: StepContext, call: Caller
         row.latency_s = outcome.latency_s
         row.finished_at = utcnow()
 
-    draft = StepDraft(role=StepRole.TOOLS, output=outcome.observation, tool_name=call.action, latency_s=outcome.latency_s)
+    draft = StepDraft(
+        role=StepRole.TOOLS,
+        output=outcome.observation,
+        tool_name=call.action,
+        latency_s=outcome.latency_s,
+        # The call returned just now (or before an outage this copy waited out) and took latency_s.
+        started_at=utcnow() - timedelta(seconds=outcome.latency_s or 0.0),
+    )
     # A task cancelled (or past its deadline) meanwhile: store_step completes the claim, stores no step, sends nothing.
     return store_step(job, draft, rt, also=complete_tool_call)
