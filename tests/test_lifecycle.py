@@ -14,7 +14,7 @@ from sqlalchemy.exc import StatementError
 from shared import lifecycle
 from shared.db import get_engine, session_scope, upgrade_schema
 from shared.lifecycle import TERMINAL_STATUSES, TRANSITIONS, Actor, EndReason, IllegalTransition, TaskStatus
-from shared.models import Step, Task, TaskMode, ToolCall, ToolCallStatus, utcnow
+from shared.models import DEFAULT_TENANT_ID, Step, Task, TaskMode, ToolCall, ToolCallStatus, utcnow
 from shared.prompts import NextRole
 from shared.roles import StepRole
 from tests.conftest import REPO
@@ -75,10 +75,11 @@ def test_status_columns_store_enum_values_so_rows_written_as_plain_strings_read_
     with engine.begin() as connection:  # rows as the code wrote them before the columns were enum-typed
         connection.execute(
             text(
-                "INSERT INTO umi_task (id, status, query, tools, end_reason, max_steps, constrained, mode, deadline_at, created_at, updated_at)"
-                " VALUES (:id, 'gave_up', 'q', '[]', 'planner_gave_up', 3, 1, 'static_step', '2030-01-01', '2030-01-01', '2030-01-01')"
+                "INSERT INTO umi_task (id, tenant_id, status, query, tools, end_reason, max_steps, constrained, mode,"
+                " deadline_at, created_at, updated_at) VALUES (:id, :tenant, 'gave_up', 'q', '[]', 'planner_gave_up', 3, 1,"
+                " 'static_step', '2030-01-01', '2030-01-01', '2030-01-01')"
             ),
-            {"id": task_id.hex},
+            {"id": task_id.hex, "tenant": DEFAULT_TENANT_ID.hex},
         )
         connection.execute(
             text("INSERT INTO umi_step (task_id, \"index\", role, output, next_role, created_at) VALUES (:id, 1, 'planner', 'x', 'give up', '2030-01-01')"),
