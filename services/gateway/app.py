@@ -1,4 +1,7 @@
-"""The HTTP front door (FastAPI): accept tasks, show their trajectories, cancel them.
+"""The HTTP front door (FastAPI): accept tasks, list them, show their trajectories, cancel them.
+
+Every ``/v1/`` route is a tenant's (``services/gateway/auth.py``): another tenant's task is a
+``404``. Routes, limits, idempotency and errors are described in ``docs/api.md``.
 
 The task row (and its step 0, the query) is committed before the ``202`` is
 sent; then the first planner job is published with a broker confirm. If that
