@@ -156,15 +156,20 @@ def test_a_tenant_sees_only_its_own_tasks(client: TestClient, postgres_url: str)
     assert client.post(f"/v1/tasks/{task_id}/cancel", headers=bearer(alice)).json()["status"] == "cancelled"
 
 
-def test_missing_unknown_and_revoked_keys_are_401_with_www_authenticate(client: TestClient, postgres_url: str) -> None:
+def test_missing_unknown_and_revoked_keys_are_401_with_www_authenticate(
+    client: TestClient, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     key = issue_key(postgres_url)
-    assert client.get("/v1/tasks", headers=bearer(key)).status_code == 200
-    with session_scope(get_engine(postgres_url)) as session:
-        assert tenants.revoke_api_key(session=session, key_or_id=key) is not None
-    for headers in ({}, bearer("umi_not-a-key"), {"Authorization": "Basic Zm9vOmJhcg=="}, bearer(key)):
-        for response in (client.get("/v1/tasks", headers=headers), client.post("/v1/tasks", json=a_task(), headers=headers)):
-            assert response.status_code == 401, headers
-            assert response.headers["WWW-Authenticate"] == "Bearer"
+    with caplog.at_level(logging.DEBUG):
+        assert client.get("/v1/tasks", headers=bearer(key)).status_code == 200
+        with session_scope(get_engine(postgres_url)) as session:
+            assert tenants.revoke_api_key(session=session, key_or_id=key) is not None
+        for headers in ({}, bearer("umi_not-a-key"), {"Authorization": "Basic Zm9vOmJhcg=="}, bearer(key)):
+            for response in (client.get("/v1/tasks", headers=headers), client.post("/v1/tasks", json=a_task(), headers=headers)):
+                assert response.status_code == 401, headers
+                assert response.headers["WWW-Authenticate"] == "Bearer"
+                assert key not in response.text
+    assert caplog.records and key not in caplog.text  # refused from the next request on, and never logged
 
 
 def test_umi_up_runs_without_keys_and_says_so_while_the_default_requires_them(

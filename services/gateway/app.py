@@ -19,9 +19,10 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 
 from services.gateway.auth import CurrentTenant, too_many_requests
 from services.gateway.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
@@ -46,6 +47,24 @@ __all__ = ["IDEMPOTENCY_KEY_PATTERN", "create_app"]
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 
 logger = logging.getLogger(__name__)
+
+
+#: The ``202`` of ``POST /v1/tasks`` says when it answers with a task stored by an earlier request.
+REPLAYED: dict[int | str, dict[str, Any]] = {
+    202: {
+        "headers": {
+            "Idempotent-Replayed": {
+                "description": "`true` when the task was stored by an earlier request with the same `Idempotency-Key`.",
+                "schema": {"type": "string", "enum": ["true"]},
+            }
+        }
+    }
+}
+
+
+def invalid(loc: tuple[str, ...], message: str, value: object) -> RequestValidationError:
+    """A ``422`` naming ``loc`` for a check FastAPI cannot make itself, answered like (and by) its own 422s."""
+    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])
 
 
 def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -79,7 +98,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         "/v1/tasks",
         status_code=status.HTTP_202_ACCEPTED,
         response_model=TaskAccepted,
-        responses={**AUTHENTICATED, **BODY, **CONFLICT, **UNAVAILABLE},
+        responses={**REPLAYED, **AUTHENTICATED, **BODY, **CONFLICT, **UNAVAILABLE},
     )
     def create_task(
         task_in: TaskCreate,
@@ -108,9 +127,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
                 origin=origin,
             )
         except PromptDoesNotFit as exc:
-            # The same shape as FastAPI's own 422s, naming the field.
-            detail = [{"type": "value_error", "loc": ["body", "max_new_tokens"], "msg": str(exc)}]
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from exc
+            raise invalid(("body", "max_new_tokens"), str(exc), task_in.max_new_tokens) from exc
         except IdempotencyKeyReused as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         except admission.OverLimit as exc:
@@ -133,8 +150,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         try:
             before = None if cursor is None else decode_cursor(cursor)
         except ValueError as exc:
-            detail = [{"type": "value_error", "loc": ["query", "cursor"], "msg": str(exc)}]
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from exc
+            raise invalid(("query", "cursor"), str(exc), cursor) from exc
         with session_scope(request.app.state.engine) as session:
             tasks = crud.list_tasks(session=session, tenant_id=tenant.id, status=task_status, limit=limit, before=before)
         next_cursor = encode_cursor(tasks[-1].created_at, tasks[-1].id) if len(tasks) == limit else None
