@@ -5,6 +5,10 @@ the *theoretical arrival time*) stored per tenant in ``umi_tenant_rate`` and upd
 its row lock, so all replicas share one bucket. ``limits``/``slowapi`` keep their
 counters in process memory or Redis; this product's shared state is PostgreSQL, so the
 bucket lives there. Tasks in flight are counted from ``umi_task`` itself.
+
+:func:`admit_task` is how a front door (HTTP, AMQP) takes a tenant's task: an idempotent
+replay first (never refused by the in-flight limit: it creates nothing), then the
+in-flight limit, then :func:`shared.tasks.submit_task`.
 """
 
 from __future__ import annotations
@@ -13,13 +17,19 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import func
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from shared import crud
+from shared.db import session_scope
+from shared.dispatch import Dispatcher
 from shared.lifecycle import ACTIVE_STATUSES
 from shared.models import Task, Tenant, TenantRate
+from shared.schemas import TaskCreate, TaskOrigin
 from shared.settings import Settings
+from shared.tasks import submit_task
 
-__all__ = ["Refusal", "check_in_flight", "take_request"]
+__all__ = ["Admitted", "OverLimit", "Refusal", "admit_task", "check_in_flight", "take_request"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +72,47 @@ def check_in_flight(*, session: Session, tenant: Tenant, settings: Settings) -> 
         # Tasks end within their deadline; a second is a fair first wait.
         return Refusal(reason=f"{in_flight} tasks in flight (limit {limit})", retry_after_s=1.0)
     return None
+
+
+class OverLimit(Exception):
+    """The tenant is over a limit; ``refusal`` says which and when to retry."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The tenant's task, and whether it was stored by an earlier request with the same idempotency key."""
+
+    task: Task
+    replayed: bool
+
+
+def admit_task(
+    *, engine: Engine, dispatcher: Dispatcher, settings: Settings, task_in: TaskCreate, tenant: Tenant, origin: TaskOrigin
+) -> Admitted:
+    """Take ``task_in`` for ``tenant`` (``origin.tenant_id`` must be its id), or replay the task stored under its key.
+
+    Raises :class:`OverLimit` when the tenant has its maximum of tasks in flight, and whatever
+    :func:`~shared.tasks.submit_task` raises (``IdempotencyKeyReused`` for a key used with
+    another request). The in-flight count is exact per request, but it is not taken under a
+    lock: two submissions racing at the limit can both pass it (one task over the limit each).
+    ``replayed`` is exact for a retry after the first request stored its task; of two copies
+    that race, the one that loses the insert is answered with the winner's task and
+    ``replayed=False`` (``submit_task`` does not say which path it took).
+    """
+    if origin.idempotency_key is not None:
+        with session_scope(engine) as session:
+            stored = crud.get_task_by_idempotency_key(session=session, tenant_id=tenant.id, key=origin.idempotency_key)
+        if stored is not None:
+            # submit_task compares the request with the stored one and returns the stored task (nothing published).
+            task = submit_task(engine=engine, dispatcher=dispatcher, settings=settings, task_in=task_in, origin=origin)
+            return Admitted(task=task, replayed=True)
+    with session_scope(engine) as session:
+        refusal = check_in_flight(session=session, tenant=tenant, settings=settings)
+    if refusal is not None:
+        raise OverLimit(refusal)
+    task = submit_task(engine=engine, dispatcher=dispatcher, settings=settings, task_in=task_in, origin=origin)
+    return Admitted(task=task, replayed=False)

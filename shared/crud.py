@@ -15,7 +15,7 @@ from sqlalchemy import func, tuple_, update
 from sqlmodel import Session, col, select
 
 from shared import lifecycle
-from shared.lifecycle import ACTIVE_STATUSES, Actor, EndReason
+from shared.lifecycle import ACTIVE_STATUSES, Actor, EndReason, TaskStatus
 from shared.models import Step, Task, ToolCall, ToolCallStatus, utcnow
 from shared.prompts import Speaker, ToolDoc, Turn, parse_caller_output, parse_planner_output
 from shared.roles import StepRole
@@ -33,6 +33,7 @@ __all__ = [
     "get_task",
     "get_task_by_idempotency_key",
     "list_steps",
+    "list_tasks",
     "renew_tool_call_leases",
     "steps_to_turns",
     "task_public",
@@ -127,6 +128,29 @@ def steps_to_turns(steps: list[Step]) -> list[Turn]:
 def get_task_by_idempotency_key(*, session: Session, tenant_id: uuid.UUID, key: str) -> Task | None:
     """The tenant's task submitted with idempotency key ``key``, if any."""
     return session.exec(select(Task).where(Task.tenant_id == tenant_id, Task.idempotency_key == key)).first()
+
+
+def list_tasks(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    limit: int,
+    status: TaskStatus | None = None,
+    before: tuple[datetime, uuid.UUID] | None = None,
+) -> list[Task]:
+    """Up to ``limit`` of the tenant's tasks, newest first (``created_at``, then ``id``, descending).
+
+    ``before`` is the ``(created_at, id)`` of the last task of the previous page: keyset
+    pagination, so tasks created between pages never shift a page (they sort before it)
+    and each task is listed once. Uses the index ``ix_umi_task_tenant_created``.
+    """
+    statement = select(Task).where(Task.tenant_id == tenant_id)
+    if status is not None:
+        statement = statement.where(Task.status == status)
+    if before is not None:
+        statement = statement.where(tuple_(col(Task.created_at), col(Task.id)) < tuple_(*before))
+    statement = statement.order_by(col(Task.created_at).desc(), col(Task.id).desc()).limit(limit)
+    return list(session.exec(statement))
 
 
 def cancel_task(*, session: Session, task_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> Task | None:

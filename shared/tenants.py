@@ -12,7 +12,7 @@ import hashlib
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from sqlmodel import Session, col, select
 
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_TENANT_ID",
     "DEFAULT_TENANT_NAME",
     "IssuedKey",
+    "TenantLimits",
     "TENANT_NAME_PATTERN",
     "authenticate",
     "create_api_key",
@@ -62,9 +63,29 @@ def get_or_create_tenant(*, session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_api_key(*, session: Session, tenant_name: str) -> IssuedKey:
-    """A new key for tenant ``tenant_name`` (created if missing)."""
+@dataclass(frozen=True)
+class TenantLimits:
+    """A tenant's own limits; ``None`` leaves that limit as it is (new tenants: the ``UMI_TENANT_*`` default)."""
+
+    rate_per_s: float | None = None
+    burst: int | None = None
+    max_in_flight: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in self.given().items():
+            if not value > 0:
+                raise ValueError(f"{name} must be greater than 0, not {value!r}")
+
+    def given(self) -> dict[str, float | int]:
+        """The limits that are set, by name."""
+        return {field.name: value for field in fields(self) if (value := getattr(self, field.name)) is not None}
+
+
+def create_api_key(*, session: Session, tenant_name: str, limits: TenantLimits | None = None) -> IssuedKey:
+    """A new key for tenant ``tenant_name`` (created if missing), setting the given ``limits`` on the tenant."""
     tenant = get_or_create_tenant(session=session, name=tenant_name)
+    for name, value in (limits or TenantLimits()).given().items():
+        setattr(tenant, name, value)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     record = ApiKey(tenant_id=tenant.id, prefix=key[: len(KEY_PREFIX) + 6], key_hash=hash_api_key(key))
     session.add(record)

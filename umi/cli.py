@@ -8,6 +8,7 @@
     umi submit "<query>" --tools FILE [--wait]
     umi sim serve --data FILE [--data FILE ...] --port P [--role planner]
     umi db upgrade | umi broker declare | umi dlq list
+    umi keys create --tenant NAME [--rate-per-s X --burst N --max-in-flight N] | umi keys revoke KEY-OR-ID | umi keys list
 """
 
 from __future__ import annotations
@@ -159,6 +160,23 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--from-db", action="store_true", help="trajectories stored by the system (UMI_DATABASE_URL)")
     source.add_argument("--data", type=Path, help="an α-UMi trajectory file")
     glpft.set_defaults(func=_cmd_export_glpft, loglevel="WARNING")
+
+    keys = sub.add_parser("keys", help="tenants' API keys (stored hashed)")
+    keys_sub = keys.add_subparsers(required=True, metavar="action")
+    keys_create = keys_sub.add_parser(
+        "create", help="a new key for a tenant (created if missing); prints the key once, on stdout, alone"
+    )
+    keys_create.add_argument("--tenant", required=True, help="tenant name: 1-64 of a-z 0-9 . _ -")
+    keys_create.add_argument("--rate-per-s", type=_positive(float), default=None, help="set the tenant's request rate")
+    keys_create.add_argument("--burst", type=_positive(int), default=None, help="set the tenant's burst of requests")
+    keys_create.add_argument("--max-in-flight", type=_positive(int), default=None, help="set the tenant's tasks-in-flight limit")
+    keys_create.set_defaults(func=_cmd_keys_create, loglevel="WARNING")
+    keys_revoke = keys_sub.add_parser("revoke", help="revoke a key (given as the key or its id); refused at once")
+    keys_revoke.add_argument("key_or_id", metavar="KEY-OR-ID")
+    keys_revoke.set_defaults(func=_cmd_keys_revoke, loglevel="WARNING")
+    keys_list = keys_sub.add_parser("list", help="keys: id, prefix, tenant, created, revoked (never the key)")
+    keys_list.add_argument("--tenant", default=None, help="only this tenant's keys")
+    keys_list.set_defaults(func=_cmd_keys_list, loglevel="WARNING")
 
     dlq = sub.add_parser("dlq", help="dead-letter queue")
     dlq_sub = dlq.add_subparsers(required=True, metavar="action")
@@ -319,6 +337,73 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
     for letter in letters:
         print(f"{letter.source_queue}: {letter.reason}\n    {letter.body[:200]}")
     print(f"{len(letters)} dead letter(s) shown")
+    return 0
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of ``kind`` greater than 0."""
+
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a {kind.__name__}") from None
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"{value!r} must be greater than 0")
+        return number
+
+    return parse
+
+
+@contextlib.contextmanager
+def _database_session() -> Iterator[Any]:
+    """A committing session on ``UMI_DATABASE_URL`` (whose schema must be current)."""
+    from shared.db import ensure_schema_current, get_engine, session_scope
+
+    database_url = get_settings().database_url
+    ensure_schema_current(database_url)
+    with session_scope(get_engine(database_url)) as session:
+        yield session
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    from shared import tenants
+
+    limits = tenants.TenantLimits(rate_per_s=args.rate_per_s, burst=args.burst, max_in_flight=args.max_in_flight)
+    try:
+        with _database_session() as session:
+            issued = tenants.create_api_key(session=session, tenant_name=args.tenant, limits=limits)
+    except ValueError as exc:
+        raise UsageError(f"--tenant: {exc}") from None
+    # stdout: the key alone, so a script can capture it; it is shown this once and never stored.
+    print(issued.key, flush=True)
+    print(
+        f"key {issued.record.id} ({issued.record.prefix}...) for tenant {issued.tenant.name}; store it now, it is not shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from shared import tenants
+
+    with _database_session() as session:
+        record = tenants.revoke_api_key(session=session, key_or_id=args.key_or_id)
+    if record is None:
+        raise UsageError("no such key (give the key itself or its id from `umi keys list`)")
+    print(f"key {record.id} ({record.prefix}...) revoked at {record.revoked_at:%Y-%m-%d %H:%M:%S}")
+    return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    from shared import tenants
+
+    with _database_session() as session:
+        rows = tenants.list_api_keys(session=session, tenant_name=args.tenant)
+    print(f"{'id':36}  {'prefix':10}  {'tenant':20}  {'created':19}  revoked")
+    for key, tenant in rows:
+        revoked = "-" if key.revoked_at is None else f"{key.revoked_at:%Y-%m-%d %H:%M:%S}"
+        print(f"{key.id!s:36}  {key.prefix:10}  {tenant.name:20}  {key.created_at:%Y-%m-%d %H:%M:%S}  {revoked}")
     return 0
 
 
