@@ -20,6 +20,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException, Request, Response, status
 
 from services.gateway.auth import CurrentTenant
+from services.gateway.errors import install_error_handling
+from services.gateway.responses import AUTHENTICATED, BODY, CONFLICT, NOT_FOUND, UNAVAILABLE
 from services.gateway.sweep import DeadlineSweeper
 from shared import crud
 from shared.celery_app import create_celery_app
@@ -61,10 +63,17 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         await asyncio.gather(sweeping, return_exceptions=True)
         await asyncio.to_thread(app.state.sweeper.close)
 
-    app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan)
+    # FastAPI's limiter counts the body as it streams in (Content-Length or chunked) and stops at the limit.
+    app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes)
     app.state.settings = settings
+    install_error_handling(app)
 
-    @app.post("/v1/tasks", status_code=status.HTTP_202_ACCEPTED, response_model=TaskAccepted)
+    @app.post(
+        "/v1/tasks",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=TaskAccepted,
+        responses={**AUTHENTICATED, **BODY, **CONFLICT, **UNAVAILABLE},
+    )
     def create_task(task_in: TaskCreate, request: Request, tenant: CurrentTenant) -> TaskAccepted:
         """Accept a task; the planner takes its first step asynchronously."""
         try:
@@ -83,7 +92,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
         return TaskAccepted(id=task.id, status=task.status)
 
-    @app.get("/v1/tasks/{task_id}", response_model=TaskPublic)
+    @app.get("/v1/tasks/{task_id}", response_model=TaskPublic, responses={**AUTHENTICATED, **NOT_FOUND})
     def read_task(task_id: uuid.UUID, request: Request, tenant: CurrentTenant) -> TaskPublic:
         """A task's status, answer and steps so far."""
         with session_scope(request.app.state.engine) as session:
@@ -92,7 +101,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id}")
             return crud.task_public(task=task, steps=crud.list_steps(session=session, task_id=task_id))
 
-    @app.post("/v1/tasks/{task_id}/cancel", response_model=TaskPublic)
+    @app.post("/v1/tasks/{task_id}/cancel", response_model=TaskPublic, responses={**AUTHENTICATED, **NOT_FOUND})
     def cancel_task(task_id: uuid.UUID, request: Request, tenant: CurrentTenant) -> TaskPublic:
         """Cancel a task; a task that already ended is returned unchanged."""
         with session_scope(request.app.state.engine) as session:
