@@ -228,6 +228,22 @@ def test_a_50_mb_body_is_refused_with_413_before_it_is_read(gateway: tuple[Serve
     assert time.monotonic() - started < 20
 
 
+def test_after_a_nan_the_same_connection_answers_the_next_request(gateway: tuple[ServerThread, CollectingDispatcher]) -> None:
+    server = gateway[0]
+    body = b'{"query": "q", "tools": [{"Name": "t", "function": "f", "input": {"x": NaN}}], "temperature": NaN}'
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        status, headers, answer = _read_response(sock)
+        assert status == 422 and headers.get("connection") != "close"
+        assert {tuple(d["loc"]) for d in json.loads(answer)["detail"]} == {("body", "temperature"), ("body", "tools", 0, "input", "x")}
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(sock)[0] == 200
+
+
 def test_the_ingress_envelope_refuses_the_same_input_naming_the_field() -> None:
     envelope = '{"schema_version": 1, "task": {"query": "q\\u0000", "tools": [{"Name": "t", "function": "f", "input": {"x": NaN}}]}}'
     with pytest.raises(Exception) as refused:
