@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -48,6 +48,8 @@ __all__ = [
     "TaskOrigin",
     "TaskStatus",
     "TERMINAL_STATUSES",
+    "bounded_text",
+    "safe_validation_errors",
 ]
 
 JOB_SCHEMA_VERSION = 1
@@ -337,3 +339,55 @@ class ErrorBody(BaseModel):
     """An error answered over AMQP (to ``reply_to``) and by the gateway's non-validation errors."""
 
     error: ErrorDetail
+
+
+#: Longest piece of client input echoed back in an error (the rest is cut, marked with "…").
+MAX_ECHO_CHARS = 200
+#: Most error items in one answer; a body with thousands of bad values gets the first ones.
+MAX_ERRORS = 50
+
+
+def safe_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """``errors`` (pydantic/FastAPI error dicts) as JSON-safe, bounded items: ``type``, ``loc``, ``msg``, and
+    ``input``/``ctx`` when they are short scalars.
+
+    What a client sent can be anything (NaN, lone surrogates, megabytes): echoed as is, it made
+    FastAPI's own 422 fail to encode. The gateway's 422s and the AMQP ingress's error replies
+    (``ErrorDetail.detail``) both go through here.
+    """
+    items: list[dict[str, Any]] = []
+    for error in list(errors)[:MAX_ERRORS]:
+        error = error if isinstance(error, Mapping) else {"msg": str(error)}
+        item: dict[str, Any] = {
+            "type": bounded_text(error.get("type", "value_error")),
+            "loc": [part if isinstance(part, int) else bounded_text(part) for part in error.get("loc", ())],
+            "msg": bounded_text(error.get("msg", "")),
+        }
+        if (echo := _echoable(error.get("input"))) is not None:
+            item["input"] = echo
+        if isinstance(context := error.get("ctx"), Mapping):
+            item["ctx"] = {bounded_text(key): _echoable(value, default=bounded_text(value)) for key, value in context.items()}
+            if item["type"] == "json_invalid" and "error" in item["ctx"]:
+                item["msg"] = f"{item['msg']}: {item['ctx']['error']}"
+        items.append(item)
+    return items
+
+
+def bounded_text(value: object) -> str:
+    """``value`` as a valid UTF-8 string of at most :data:`MAX_ECHO_CHARS` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_ECHO_CHARS:
+        text = text[:MAX_ECHO_CHARS] + "…"
+    # Lone surrogates cannot be encoded; NUL is valid JSON (\u0000) and stays visible as such.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _echoable(value: object, default: str | None = None) -> str | int | float | bool | None:
+    """A scalar as it can be echoed in JSON (short, non-finite floats spelled out); ``default`` for anything else."""
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return bounded_text(value)
+    return default

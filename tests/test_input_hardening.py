@@ -20,11 +20,10 @@ import pytest
 from sqlmodel import func, select
 
 from services.gateway.app import create_app
-from services.gateway.errors import MAX_ECHO_CHARS, safe_validation_errors
 from shared.asgi import ServerThread
 from shared.db import get_engine, session_scope
 from shared.models import Task
-from shared.schemas import IngressEnvelope, TaskCreate
+from shared.schemas import MAX_ECHO_CHARS, IngressEnvelope, TaskCreate, safe_validation_errors
 from shared.settings import load_settings
 from tests.pipeline_helpers import CollectingDispatcher
 
@@ -137,7 +136,7 @@ def test_a_request_at_the_limits_is_accepted(client: httpx.Client, postgres_url:
 @pytest.mark.parametrize(
     ("body", "content_type", "loc", "message"),
     [
-        (b'{"query": "q", "tools": [', "application/json", ["body", 25], "JSON decode error"),
+        (b'{"query": "q", "tools": [', "application/json", ["body", 25], "JSON decode error: Expecting value"),
         (b'{"query": "\xff"}', "application/json", ["body"], "not valid UTF-8"),
         # Python's json decodes UTF-8-encoded surrogates ("surrogatepass"); the model refuses them.
         (b'{"query": "\xed\xa0\x80", "tools": []}', "application/json", ["body", "query"], "lone surrogate"),
