@@ -6,6 +6,7 @@
   but built so that encoding it cannot fail: what the client sent is echoed only as a short,
   valid string (lone surrogates replaced, NaN spelled out, containers left out), and a
   bounded number of items (:func:`shared.schemas.safe_validation_errors`). FastAPI's own handler answered ``500`` to ``"\\ud800"`` and NaN.
+* a body that is not ``application/json``: a ``422`` saying so (FastAPI said "Input should be a valid dictionary").
 * a body FastAPI could not decode (not UTF-8, nested beyond the parser's recursion limit) is a
   ``422 json_invalid`` like malformed JSON, instead of FastAPI's ``400``.
 * ``413`` (body over ``UMI_MAX_BODY_BYTES``, raised by FastAPI's ``max_body_size`` limiter while
@@ -43,7 +44,19 @@ def _unprocessable(detail: list[dict[str, Any]]) -> JSONResponse:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _unprocessable(safe_validation_errors(exc.errors()))
+    items = safe_validation_errors(exc.errors())
+    content_type = request.headers.get("content-type")
+    if any(item["loc"] == ["body"] for item in items) and not _is_json(content_type):
+        # FastAPI hands a non-JSON body to the model as bytes ("Input should be a valid dictionary"); say why.
+        sent = f"not {bounded_text(content_type)!r}" if content_type else "none was sent"
+        return _unprocessable([{"type": "content_type", "loc": ["body"], "msg": f"Content-Type must be application/json ({sent})"}])
+    return _unprocessable(items)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of ``content_type`` as JSON (``application/json`` or ``application/*+json``)."""
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
 #: Why FastAPI could not decode a body it answers ``400`` for (it raises that with the cause attached).
