@@ -74,6 +74,7 @@ RAW_BODIES = [
     ),
     ('{"query": "q", "tools": [%s], "temperature": NaN}', ["body", "temperature"], "finite number"),
     ('{"query": "q", "tools": [%s], "timeout_s": Infinity}', ["body", "timeout_s"], "finite number"),
+    ('{"query": "q", "tools": [%s], "timeout_s": 1e400}', ["body", "timeout_s"], "finite number"),  # json reads inf
     ('{"query": "q", "tools": [{"Name": "t", "function": "f", "input": {"n": [1, -Infinity]}}]}', ["body", "tools", 0, "input", "n", 1], "finite"),
     (
         '{"query": "q", "tools": [%s], "history": [{"from": "user", "value": "x\\u0000"}]}',
@@ -141,6 +142,7 @@ def test_a_request_at_the_limits_is_accepted(client: httpx.Client, postgres_url:
         # Python's json decodes UTF-8-encoded surrogates ("surrogatepass"); the model refuses them.
         (b'{"query": "\xed\xa0\x80", "tools": []}', "application/json", ["body", "query"], "lone surrogate"),
         (b"[" * 100_000, "application/json", ["body"], "nested too deeply"),
+        (b'{"query": "q", "max_steps": 1' + b"0" * 5_000 + b"}", "application/json", ["body"], "integer string conversion"),
         (b"query=q", "application/x-www-form-urlencoded", ["body"], "Content-Type must be application/json (not 'application/x-www"),
         (b'{"query": "q", "tools": []}', "text/plain; charset=utf-8", ["body"], "Content-Type must be application/json (not 'text/plain"),
         (b'{"query": "q", "tools": []}', "", ["body"], "Content-Type must be application/json (none was sent)"),

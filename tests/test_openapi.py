@@ -103,7 +103,7 @@ def fuzzed_gateway(request: pytest.FixtureRequest, postgres_url: str, rabbitmq_u
 
 
 @SCHEMA.parametrize()
-@settings(deadline=None, phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+@settings(database=None, deadline=None, phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
 def test_fuzzing_the_document_finds_no_server_error_and_nothing_undeclared(case: schemathesis.Case, fuzzed_gateway: tuple[str, dict[str, str]]) -> None:
     base_url, headers = fuzzed_gateway
     case.call_and_validate(base_url=base_url, headers=headers, checks=CHECKS, timeout=30)

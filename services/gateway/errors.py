@@ -7,7 +7,8 @@
   valid string (lone surrogates replaced, NaN spelled out, containers left out), and a
   bounded number of items (:func:`shared.schemas.safe_validation_errors`). FastAPI's own handler answered ``500`` to ``"\\ud800"`` and NaN.
 * a body that is not ``application/json``: a ``422`` saying so (FastAPI said "Input should be a valid dictionary").
-* a body FastAPI could not decode (not UTF-8, nested beyond the parser's recursion limit) is a
+* a body FastAPI could not decode (not UTF-8, nested beyond the parser's recursion limit, an integer
+  of thousands of digits) is a
   ``422 json_invalid`` like malformed JSON, instead of FastAPI's ``400``.
 * ``413`` (body over ``UMI_MAX_BODY_BYTES``, raised by FastAPI's ``max_body_size`` limiter while
   it streams the body) says the limit.
@@ -59,19 +60,21 @@ def _is_json(content_type: str | None) -> bool:
     return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
-#: Why FastAPI could not decode a body it answers ``400`` for (it raises that with the cause attached).
-_UNDECODABLE = {
-    UnicodeDecodeError: "the body is not valid UTF-8",
-    RecursionError: "the body is nested too deeply to parse",
-}
+def _undecodable_reason(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not decode a body it answers ``400`` for (it raises that from the parser's error)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the body is nested too deeply to parse"
+    if isinstance(cause, ValueError):  # e.g. an integer of more than 4,300 digits
+        return bounded_text(cause)
+    return None
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail: Any = exc.detail
-    if exc.status_code == status.HTTP_400_BAD_REQUEST:
-        for cause, reason in _UNDECODABLE.items():
-            if isinstance(exc.__cause__, cause):
-                return _unprocessable([{"type": "json_invalid", "loc": ["body"], "msg": f"JSON decode error: {reason}"}])
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and (reason := _undecodable_reason(exc.__cause__)):
+        return _unprocessable([{"type": "json_invalid", "loc": ["body"], "msg": f"JSON decode error: {reason}"}])
     if exc.status_code == status.HTTP_413_CONTENT_TOO_LARGE:
         limit = request.app.state.settings.max_body_bytes
         detail = f"the request body is larger than {limit} bytes (UMI_MAX_BODY_BYTES); it was not read"
