@@ -89,6 +89,10 @@ MAX_HISTORY_TURNS = 200
 MAX_TURN_CHARS = 32_000
 #: Nesting anywhere in a request; deeper is refused before anything else is looked at.
 MAX_BODY_DEPTH = 32
+#: Longest piece of client input echoed back in an error (the rest is cut, marked with "…").
+MAX_ECHO_CHARS = 200
+#: Most error items in one answer; a body with thousands of bad values gets the first ones.
+MAX_ERRORS = 50
 
 
 class SubmittedToolDoc(ToolDoc):
@@ -194,7 +198,7 @@ class TaskCreate(TaskBase, TaskGeneration):
     @classmethod
     def _no_unsafe_json(cls, data: Any) -> Any:
         # The first few say what is wrong; thousands would only amplify a hostile body.
-        if errors := list(itertools.islice(_untrusted_json_errors(data), 20)):
+        if errors := list(itertools.islice(_untrusted_json_errors(data), MAX_ERRORS)):
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
 
@@ -339,12 +343,6 @@ class ErrorBody(BaseModel):
     """An error answered over AMQP (to ``reply_to``) and by the gateway's non-validation errors."""
 
     error: ErrorDetail
-
-
-#: Longest piece of client input echoed back in an error (the rest is cut, marked with "…").
-MAX_ECHO_CHARS = 200
-#: Most error items in one answer; a body with thousands of bad values gets the first ones.
-MAX_ERRORS = 50
 
 
 def safe_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:

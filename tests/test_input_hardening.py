@@ -23,7 +23,7 @@ from services.gateway.app import create_app
 from shared.asgi import ServerThread
 from shared.db import get_engine, session_scope
 from shared.models import Task
-from shared.schemas import MAX_ECHO_CHARS, IngressEnvelope, TaskCreate, safe_validation_errors
+from shared.schemas import MAX_ECHO_CHARS, MAX_ERRORS, IngressEnvelope, TaskCreate, safe_validation_errors
 from shared.settings import load_settings
 from tests.pipeline_helpers import CollectingDispatcher
 
@@ -125,6 +125,13 @@ def test_field_limits_and_unknown_nested_fields_are_a_422_naming_the_field(
     before = _task_count(postgres_url)
     _assert_refused(client.post("/v1/tasks", json=body), loc, message)
     assert _task_count(postgres_url) == before
+
+
+def test_a_body_full_of_bad_values_gets_a_bounded_answer(client: httpx.Client) -> None:
+    body = {"query": "q", "tools": [{**TOOL, "input": {f"k{i}": "\u0000" for i in range(5_000)}}]}
+    response = client.post("/v1/tasks", json=body)
+    assert response.status_code == 422 and len(response.json()["detail"]) == MAX_ERRORS
+    assert len(response.content) < MAX_ERRORS * 400
 
 
 def test_a_request_at_the_limits_is_accepted(client: httpx.Client, postgres_url: str) -> None:
