@@ -11,11 +11,16 @@ re-exported here because the API shows them.
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from shared.lifecycle import TERMINAL_STATUSES, EndReason, TaskStatus
 from shared.models import DEFAULT_TENANT_ID, StepBase, TaskBase, TaskGeneration, TaskMode, TaskState
@@ -33,6 +38,8 @@ __all__ = [
     "TaskSummary",
     "StepJob",
     "StepPublic",
+    "SubmittedToolDoc",
+    "SubmittedTurn",
     "RecordedTaskCreate",
     "TaskAccepted",
     "TaskCreate",
@@ -41,6 +48,8 @@ __all__ = [
     "TaskOrigin",
     "TaskStatus",
     "TERMINAL_STATUSES",
+    "bounded_text",
+    "safe_validation_errors",
 ]
 
 JOB_SCHEMA_VERSION = 1
@@ -68,20 +77,130 @@ class StepJob(BaseModel):
         return value
 
 
+#: Limits on what a client may send (``docs/api.md`` "Limits and errors"). The body as a whole is
+#: bounded by ``UMI_MAX_BODY_BYTES`` before it is read; these name the field that is too big.
+MAX_TOOLS = 64
+MAX_TOOL_FUNCTION_CHARS = 8_192
+#: Characters of the tool's ``input`` as the models see it (``json.dumps``, as :meth:`ToolDoc.rendered`).
+MAX_TOOL_INPUT_CHARS = 16_384
+#: Levels of objects/arrays inside a tool's ``input`` (``{"a": {"b": 1}}`` is 2).
+MAX_TOOL_INPUT_DEPTH = 8
+MAX_HISTORY_TURNS = 200
+MAX_TURN_CHARS = 32_000
+#: Nesting anywhere in a request; deeper is refused before anything else is looked at.
+MAX_BODY_DEPTH = 32
+#: Longest piece of client input echoed back in an error (the rest is cut, marked with "…").
+MAX_ECHO_CHARS = 200
+#: Most error items in one answer; a body with thousands of bad values gets the first ones.
+MAX_ERRORS = 50
+
+
+class SubmittedToolDoc(ToolDoc):
+    """A tool doc as a client sends it: a :class:`ToolDoc` with bounded text and ``input``.
+
+    The bounds belong to the request, not to :class:`ToolDoc`: stored tasks and recorded
+    ToolBench data are read back as plain tool docs whatever their size.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, from_attributes=True)
+
+    function: str = Field(max_length=MAX_TOOL_FUNCTION_CHARS, description="What the tool does.")
+    input: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Its parameters; at most {MAX_TOOL_INPUT_CHARS} characters as JSON, {MAX_TOOL_INPUT_DEPTH} levels deep.",
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _input_is_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _depth(value) > MAX_TOOL_INPUT_DEPTH:
+            raise ValueError(f"input is nested deeper than {MAX_TOOL_INPUT_DEPTH} levels")
+        if (size := len(json.dumps(value))) > MAX_TOOL_INPUT_CHARS:
+            raise ValueError(f"input is {size} characters as JSON; at most {MAX_TOOL_INPUT_CHARS}")
+        return value
+
+
+class SubmittedTurn(Turn):
+    """A history turn as a client sends it: a :class:`Turn` with a bounded ``value`` and no other keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, from_attributes=True)
+
+    value: str = Field(max_length=MAX_TURN_CHARS)
+
+
+def _depth(value: object) -> int:
+    """Levels of dicts/lists in ``value`` (0 for a scalar); callers bound the input's depth first."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _unsafe_text(text: str) -> str | None:
+    """Why ``text`` cannot be stored or rendered as given (NUL, lone surrogate), or None."""
+    if "\x00" in text:
+        return "must not contain NUL characters (\\u0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must not contain lone surrogates (\\ud800-\\udfff without a pair)"
+    return None
+
+
+def _untrusted_json_errors(value: object, loc: tuple[str | int, ...] = ()) -> Iterator[InitErrorDetails]:
+    """Each NUL, lone surrogate or non-finite number in decoded JSON ``value``, at its location.
+
+    PostgreSQL refuses NUL in text, UTF-8 has no lone surrogates and JSON has no NaN or
+    Infinity, yet Python's ``json`` accepts all three; so every request is checked once, here,
+    whether it came over HTTP or AMQP. Model instances (built in Python) are trusted.
+    """
+    if len(loc) > MAX_BODY_DEPTH:
+        yield _error("too_deep", f"nested deeper than {MAX_BODY_DEPTH} levels", loc, "…")
+    elif isinstance(value, str):
+        if reason := _unsafe_text(value):
+            yield _error("unsafe_text", f"String {reason}", loc, value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            yield _error("finite_number", "Input should be a finite number (not NaN or Infinity)", loc, str(value))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and (reason := _unsafe_text(key)):
+                yield _error("unsafe_text", f"Key {reason}", (*loc, key), key)
+            else:
+                yield from _untrusted_json_errors(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _untrusted_json_errors(item, (*loc, index))
+
+
+def _error(kind: str, message: str, loc: tuple[str | int, ...], value: str) -> InitErrorDetails:
+    # The location of a key that is itself unsafe is reported safely: the handler masks it.
+    return InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+
+
 class TaskCreate(TaskBase, TaskGeneration):
     """``POST /v1/tasks`` body."""
 
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    tools: list[ToolDoc] = Field(min_length=1, max_length=64, description="Compact ToolBench docs.")
+    tools: list[SubmittedToolDoc] = Field(min_length=1, max_length=MAX_TOOLS, description="Compact ToolBench docs.")
     max_steps: int | None = Field(default=None, ge=1, le=100, description="Planner steps before the task fails.")
     timeout_s: float | None = Field(default=None, gt=0, le=86_400, description="Deadline, seconds from now.")
     constrained: bool | None = Field(default=None, description="Constrained decoding; default from UMI_CONSTRAINED.")
-    history: list[Turn] = Field(
+    history: list[SubmittedTurn] = Field(
         default_factory=list,
-        max_length=200,
+        max_length=MAX_HISTORY_TURNS,
         description="Conversation after the query to continue from (α-UMi turns: {from, value}).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsafe_json(cls, data: Any) -> Any:
+        # The first few say what is wrong; thousands would only amplify a hostile body.
+        if errors := list(itertools.islice(_untrusted_json_errors(data), MAX_ERRORS)):
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
     @field_validator("query")
     @classmethod
@@ -224,3 +343,49 @@ class ErrorBody(BaseModel):
     """An error answered over AMQP (to ``reply_to``) and by the gateway's non-validation errors."""
 
     error: ErrorDetail
+
+
+def safe_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """``errors`` (pydantic/FastAPI error dicts) as JSON-safe, bounded items: ``type``, ``loc``, ``msg``, and
+    ``input``/``ctx`` when they are short scalars.
+
+    What a client sent can be anything (NaN, lone surrogates, megabytes): echoed as is, it made
+    FastAPI's own 422 fail to encode. The gateway's 422s and the AMQP ingress's error replies
+    (``ErrorDetail.detail``) both go through here.
+    """
+    items: list[dict[str, Any]] = []
+    for error in list(errors)[:MAX_ERRORS]:
+        error = error if isinstance(error, Mapping) else {"msg": str(error)}
+        item: dict[str, Any] = {
+            "type": bounded_text(error.get("type", "value_error")),
+            "loc": [part if isinstance(part, int) else bounded_text(part) for part in error.get("loc", ())],
+            "msg": bounded_text(error.get("msg", "")),
+        }
+        if (echo := _echoable(error.get("input"))) is not None:
+            item["input"] = echo
+        if isinstance(context := error.get("ctx"), Mapping):
+            item["ctx"] = {bounded_text(key): _echoable(value, default=bounded_text(value)) for key, value in context.items()}
+            if item["type"] == "json_invalid" and "error" in item["ctx"]:
+                item["msg"] = f"{item['msg']}: {item['ctx']['error']}"
+        items.append(item)
+    return items
+
+
+def bounded_text(value: object) -> str:
+    """``value`` as a valid UTF-8 string of at most :data:`MAX_ECHO_CHARS` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_ECHO_CHARS:
+        text = text[:MAX_ECHO_CHARS] + "…"
+    # Lone surrogates cannot be encoded; NUL is valid JSON (\u0000) and stays visible as such.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _echoable(value: object, default: str | None = None) -> str | int | float | bool | None:
+    """A scalar as it can be echoed in JSON (short, non-finite floats spelled out); ``default`` for anything else."""
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return bounded_text(value)
+    return default

@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--loglevel", type=_log_level, default="INFO")
     gateway.set_defaults(func=_cmd_gateway)
 
+    openapi = sub.add_parser("openapi", help="print the gateway's OpenAPI document (checked in as docs/openapi.json)")
+    openapi.add_argument("--out", type=Path, default=None, help="write it to this file instead of stdout")
+    openapi.set_defaults(func=_cmd_openapi, loglevel="WARNING")
+
     submit = sub.add_parser("submit", help="submit a task to the gateway")
     submit.add_argument("query")
     submit.add_argument("--tools", type=Path, required=True, help="JSON list of compact tool docs (or a record with 'tools')")
@@ -230,6 +234,18 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from services.gateway.app import create_app
 
     uvicorn.run(create_app(get_settings()), host=args.host, port=args.port, log_level=args.loglevel.lower())
+    return 0
+
+
+def _cmd_openapi(args: argparse.Namespace) -> int:
+    from services.gateway.app import create_app
+    from services.gateway.openapi import openapi_document
+
+    document = openapi_document(create_app(get_settings()))
+    if args.out is None:
+        sys.stdout.write(document)
+    else:
+        args.out.write_text(document, encoding="utf-8")
     return 0
 
 

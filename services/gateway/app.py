@@ -25,6 +25,7 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request, Response, st
 from fastapi.exceptions import RequestValidationError
 
 from services.gateway.auth import CurrentTenant, too_many_requests
+from services.gateway.errors import install_error_handling
 from services.gateway.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from services.gateway.readiness import unready_dependencies
 from services.gateway.responses import AUTHENTICATED, BODY, CONFLICT, NOT_FOUND, UNAVAILABLE
@@ -91,8 +92,10 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         await asyncio.gather(sweeping, return_exceptions=True)
         await asyncio.to_thread(app.state.sweeper.close)
 
-    app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan)
+    # FastAPI's limiter counts the body as it streams in (Content-Length or chunked) and stops at the limit.
+    app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes)
     app.state.settings = settings
+    install_error_handling(app)
 
     @app.post(
         "/v1/tasks",

@@ -31,7 +31,15 @@ AUTHENTICATED: dict[int | str, dict[str, Any]] = {
 #: Routes that read a task by id: unknown, or another tenant's.
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _error("No such task for this tenant.")}
 #: Routes that take a JSON body.
-BODY: dict[int | str, dict[str, Any]] = {413: _error("The body is larger than `UMI_MAX_BODY_BYTES`; it was not read.")}
+BODY: dict[int | str, dict[str, Any]] = {
+    413: {
+        **_error(
+            "The body is larger than `UMI_MAX_BODY_BYTES`; it was not read. JSON when the limit is reached while "
+            "the body streams in; the plain text `Content Too Large` when `Content-Length` announces it."
+        ),
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 #: An idempotency key used before for another request.
 CONFLICT: dict[int | str, dict[str, Any]] = {409: _error("The `Idempotency-Key` was used for a different request.")}
 #: The database or broker cannot be reached.
