@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from shared.lifecycle import TERMINAL_STATUSES, EndReason, TaskStatus
 from shared.models import DEFAULT_TENANT_ID, StepBase, TaskBase, TaskGeneration, TaskMode, TaskState
@@ -165,6 +165,18 @@ class StepPublic(StepBase):
     created_at: datetime
     #: Shown as ``latency_ms``.
     latency_s: float | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_api_names(cls, data: Any) -> Any:
+        """Read back what the API shows (``next``, ``latency_ms``), so a client's parsed step loses nothing."""
+        if not isinstance(data, dict):
+            return data
+        if "next" in data and "next_role" not in data:
+            data = {**data, "next_role": data["next"]}
+        if data.get("latency_s") is None and data.get("latency_ms") is not None:
+            data = {**data, "latency_s": data["latency_ms"] / 1000}
+        return data
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException, Request, Response, status
 
 from services.gateway.auth import CurrentTenant
+from services.gateway.events import router as events_router
 from services.gateway.sweep import DeadlineSweeper
 from shared import crud
 from shared.celery_app import create_celery_app
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
 
     app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.include_router(events_router)
 
     @app.post("/v1/tasks", status_code=status.HTTP_202_ACCEPTED, response_model=TaskAccepted)
     def create_task(task_in: TaskCreate, request: Request, tenant: CurrentTenant) -> TaskAccepted:

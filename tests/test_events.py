@@ -1,0 +1,194 @@
+"""``GET /v1/tasks/{id}/events``: server-sent events from the database, resumable with ``Last-Event-ID``.
+
+A real gateway over HTTP on the session's PostgreSQL; steps are written to the database
+directly, as a worker's transaction would, so the test controls when each appears.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from httpx_sse import ServerSentEvent, connect_sse
+from prometheus_client import REGISTRY
+
+from services.gateway.app import create_app
+from shared import crud, lifecycle
+from shared.asgi import ServerThread
+from shared.db import get_engine, session_scope
+from shared.lifecycle import Actor, EndReason
+from shared.models import Step
+from shared.roles import StepRole
+from shared.schemas import StepEvent, TaskPublic
+from shared.settings import Settings, load_settings
+from shared.tenants import create_api_key
+from tests.pipeline_helpers import CollectingDispatcher
+
+TASK = {"query": "Is test@example.com a valid address?", "tools": [{"Name": "validate_email", "function": "checks an address"}]}
+
+
+def _settings(postgres_url: str, **overrides: object) -> Settings:
+    return load_settings(**{"database_url": postgres_url, "auth": False, "events_poll_interval_s": 0.05, "events_keepalive_s": 0.3, **overrides})
+
+
+@pytest.fixture(scope="module")
+def gateway(postgres_url: str) -> Iterator[ServerThread]:
+    with ServerThread(create_app(_settings(postgres_url), dispatcher=CollectingDispatcher())) as server:
+        yield server
+
+
+@pytest.fixture
+def http(gateway: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=httpx.Timeout(10.0)) as client:
+        yield client
+
+
+def _submit(http: httpx.Client) -> uuid.UUID:
+    response = http.post("/v1/tasks", json=TASK)
+    assert response.status_code == 202, response.text
+    return uuid.UUID(response.json()["id"])
+
+
+def _add_step(postgres_url: str, task_id: uuid.UUID, index: int) -> None:
+    """Store step ``index`` (a planner thought) as a worker would, and mark the task running."""
+    with session_scope(get_engine(postgres_url)) as session:
+        task = crud.get_task(session=session, task_id=task_id, for_update=True)
+        assert task is not None
+        lifecycle.start(task)
+        session.add(Step(task_id=task_id, index=index, role=StepRole.PLANNER, output=f"thought {index}", latency_s=0.25))
+
+
+def _finish(postgres_url: str, task_id: uuid.UUID) -> None:
+    """Store the summarizer's answer and end the task in one transaction, as the pipeline does."""
+    with session_scope(get_engine(postgres_url)) as session:
+        task = crud.get_task(session=session, task_id=task_id, for_update=True)
+        assert task is not None
+        index = len(crud.list_steps(session=session, task_id=task_id))
+        session.add(Step(task_id=task_id, index=index, role=StepRole.SUMMARIZER, output="It is valid."))
+        lifecycle.finish(task, reason=EndReason.ANSWERED, by=Actor.SUMMARIZER, answer="It is valid.")
+
+
+def _events(http: httpx.Client, task_id: uuid.UUID, *, last_event_id: str | None = None, limit: int | None = None) -> list[ServerSentEvent]:
+    """The ``step``/``end`` events of one connection (at most ``limit``; then the connection is dropped)."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    received: list[ServerSentEvent] = []
+    with connect_sse(http, "GET", f"/v1/tasks/{task_id}/events", headers=headers) as source:
+        assert source.response.status_code == 200
+        for event in source.iter_sse():
+            if event.event in ("step", "end"):
+                received.append(event)
+                if limit is not None and len(received) == limit:
+                    break
+    return received
+
+
+def test_every_step_then_end_with_the_same_json_as_get_and_the_stream_closes(http: httpx.Client, postgres_url: str) -> None:
+    task_id = _submit(http)
+
+    def produce() -> None:
+        for index in (1, 2, 3):
+            time.sleep(0.15)
+            _add_step(postgres_url, task_id, index)
+        time.sleep(0.15)
+        _finish(postgres_url, task_id)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    events = _events(http, task_id)  # returns only when the server closes the stream
+    producer.join()
+    assert [(e.event, e.id) for e in events] == [("step", "0"), ("step", "1"), ("step", "2"), ("step", "3"), ("step", "4"), ("end", "5")]
+    steps = [StepEvent.model_validate_json(e.data) for e in events[:-1]]
+    assert [s.index for s in steps] == [0, 1, 2, 3, 4] and {s.task_id for s in steps} == {task_id}
+    assert steps[0].output == TASK["query"] and steps[2].output == "thought 2" and steps[2].latency_ms == 250.0
+    final = http.get(f"/v1/tasks/{task_id}").json()
+    assert final["status"] == "succeeded"
+    assert TaskPublic.model_validate_json(events[-1].data).model_dump(mode="json", by_alias=True) == final
+    assert '"next":' in events[-1].data  # the same field names as GET
+
+
+def test_reconnecting_with_last_event_id_resumes_exactly_while_the_task_runs(http: httpx.Client, postgres_url: str) -> None:
+    task_id = _submit(http)
+    _add_step(postgres_url, task_id, 1)
+    _add_step(postgres_url, task_id, 2)
+    first = _events(http, task_id, limit=2)  # steps 0 and 1, then the client drops the connection
+    assert [e.id for e in first] == ["0", "1"]
+    _add_step(postgres_url, task_id, 3)  # stored while nobody listens
+
+    def produce() -> None:
+        time.sleep(0.3)
+        _add_step(postgres_url, task_id, 4)
+        time.sleep(0.2)
+        _finish(postgres_url, task_id)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    rest = _events(http, task_id, last_event_id=first[-1].id)
+    producer.join()
+    assert [(e.event, e.id) for e in rest] == [("step", "2"), ("step", "3"), ("step", "4"), ("step", "5"), ("end", "6")]
+    seen = [StepEvent.model_validate_json(e.data).index for e in first + rest[:-1]]
+    assert seen == list(range(6))  # every step once, in order
+
+
+def test_an_ended_task_replays_everything_and_a_reconnect_after_end_gets_nothing(http: httpx.Client, postgres_url: str) -> None:
+    task_id = _submit(http)
+    _add_step(postgres_url, task_id, 1)
+    _finish(postgres_url, task_id)
+    events = _events(http, task_id)
+    assert [(e.event, e.id) for e in events] == [("step", "0"), ("step", "1"), ("step", "2"), ("end", "3")]
+    assert _events(http, task_id, last_event_id="3") == []  # after the end: the stream closes at once
+    assert [(e.event, e.id) for e in _events(http, task_id, last_event_id="2")] == [("end", "3")]
+    cancelled = _submit(http)
+    assert http.post(f"/v1/tasks/{cancelled}/cancel").status_code == 200
+    ended = _events(http, cancelled)
+    assert [e.event for e in ended] == ["step", "end"]
+    assert TaskPublic.model_validate_json(ended[-1].data).status == "cancelled"
+
+
+@pytest.mark.parametrize("bad", ["abc", "-2", "1.5", ""])
+def test_a_bad_last_event_id_is_a_422_naming_the_header(http: httpx.Client, bad: str) -> None:
+    task_id = _submit(http)
+    response = http.get(f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": bad})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["header", "Last-Event-ID"]
+
+
+def test_the_stream_sends_a_retry_hint_and_keep_alives_and_ends_when_the_client_leaves(http: httpx.Client) -> None:
+    task_id = _submit(http)  # never runs: the stream waits, sending keep-alives
+    open_before = REGISTRY.get_sample_value("umi_event_streams_open") or 0.0
+    lines: list[str] = []
+    with http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            lines.append(line)
+            if line == ": keep-alive":
+                break
+        assert REGISTRY.get_sample_value("umi_event_streams_open") == open_before + 1
+    assert lines[0] == "retry: 1000"
+    assert "event: step" in lines and "id: 0" in lines
+    deadline = time.monotonic() + 5
+    while REGISTRY.get_sample_value("umi_event_streams_open") != open_before:
+        assert time.monotonic() < deadline, "the stream did not end after the client disconnected"
+        time.sleep(0.05)
+
+
+def test_another_tenants_task_is_404_before_any_stream_and_no_key_is_401(postgres_url: str) -> None:
+    engine = get_engine(postgres_url)
+    with session_scope(engine) as session:
+        alice = create_api_key(session=session, tenant_name=f"alice-{uuid.uuid4().hex[:6]}").key
+        bob = create_api_key(session=session, tenant_name=f"bob-{uuid.uuid4().hex[:6]}").key
+    with ServerThread(create_app(_settings(postgres_url, auth=True), dispatcher=CollectingDispatcher())) as server:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            accepted = http.post("/v1/tasks", json=TASK, headers={"Authorization": f"Bearer {alice}"})
+            assert accepted.status_code == 202, accepted.text
+            url = f"/v1/tasks/{accepted.json()['id']}/events"
+            as_bob = http.get(url, headers={"Authorization": f"Bearer {bob}"})
+            assert as_bob.status_code == 404 and as_bob.headers["content-type"] == "application/json"
+            assert http.get(f"/v1/tasks/{uuid.uuid4()}/events", headers={"Authorization": f"Bearer {alice}"}).status_code == 404
+            assert http.get(url).status_code == 401
+            with connect_sse(http, "GET", url, headers={"Authorization": f"Bearer {alice}"}) as source:
+                first = next(e for e in source.iter_sse() if e.event == "step")
+            assert StepEvent.model_validate_json(first.data).output == TASK["query"]
