@@ -17,18 +17,13 @@ from httpx_sse import ServerSentEvent, connect_sse
 from prometheus_client import REGISTRY
 
 from services.gateway.app import create_app
-from shared import crud, lifecycle
 from shared.asgi import ServerThread
 from shared.db import get_engine, session_scope
-from shared.lifecycle import Actor, EndReason
-from shared.models import Step
-from shared.roles import StepRole
 from shared.schemas import StepEvent, TaskPublic
 from shared.settings import Settings, load_settings
 from shared.tenants import create_api_key
 from tests.pipeline_helpers import CollectingDispatcher
-
-TASK = {"query": "Is test@example.com a valid address?", "tools": [{"Name": "validate_email", "function": "checks an address"}]}
+from tests.stored_steps import TASK, add_step, finish_task
 
 
 def _settings(postgres_url: str, **overrides: object) -> Settings:
@@ -53,25 +48,6 @@ def _submit(http: httpx.Client) -> uuid.UUID:
     return uuid.UUID(response.json()["id"])
 
 
-def _add_step(postgres_url: str, task_id: uuid.UUID, index: int) -> None:
-    """Store step ``index`` (a planner thought) as a worker would, and mark the task running."""
-    with session_scope(get_engine(postgres_url)) as session:
-        task = crud.get_task(session=session, task_id=task_id, for_update=True)
-        assert task is not None
-        lifecycle.start(task)
-        session.add(Step(task_id=task_id, index=index, role=StepRole.PLANNER, output=f"thought {index}", latency_s=0.25))
-
-
-def _finish(postgres_url: str, task_id: uuid.UUID) -> None:
-    """Store the summarizer's answer and end the task in one transaction, as the pipeline does."""
-    with session_scope(get_engine(postgres_url)) as session:
-        task = crud.get_task(session=session, task_id=task_id, for_update=True)
-        assert task is not None
-        index = len(crud.list_steps(session=session, task_id=task_id))
-        session.add(Step(task_id=task_id, index=index, role=StepRole.SUMMARIZER, output="It is valid."))
-        lifecycle.finish(task, reason=EndReason.ANSWERED, by=Actor.SUMMARIZER, answer="It is valid.")
-
-
 def _events(http: httpx.Client, task_id: uuid.UUID, *, last_event_id: str | None = None, limit: int | None = None) -> list[ServerSentEvent]:
     """The ``step``/``end`` events of one connection (at most ``limit``; then the connection is dropped)."""
     headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
@@ -92,9 +68,9 @@ def test_every_step_then_end_with_the_same_json_as_get_and_the_stream_closes(htt
     def produce() -> None:
         for index in (1, 2, 3):
             time.sleep(0.15)
-            _add_step(postgres_url, task_id, index)
+            add_step(postgres_url, task_id, index)
         time.sleep(0.15)
-        _finish(postgres_url, task_id)
+        finish_task(postgres_url, task_id)
 
     producer = threading.Thread(target=produce)
     producer.start()
@@ -112,17 +88,17 @@ def test_every_step_then_end_with_the_same_json_as_get_and_the_stream_closes(htt
 
 def test_reconnecting_with_last_event_id_resumes_exactly_while_the_task_runs(http: httpx.Client, postgres_url: str) -> None:
     task_id = _submit(http)
-    _add_step(postgres_url, task_id, 1)
-    _add_step(postgres_url, task_id, 2)
+    add_step(postgres_url, task_id, 1)
+    add_step(postgres_url, task_id, 2)
     first = _events(http, task_id, limit=2)  # steps 0 and 1, then the client drops the connection
     assert [e.id for e in first] == ["0", "1"]
-    _add_step(postgres_url, task_id, 3)  # stored while nobody listens
+    add_step(postgres_url, task_id, 3)  # stored while nobody listens
 
     def produce() -> None:
         time.sleep(0.3)
-        _add_step(postgres_url, task_id, 4)
+        add_step(postgres_url, task_id, 4)
         time.sleep(0.2)
-        _finish(postgres_url, task_id)
+        finish_task(postgres_url, task_id)
 
     producer = threading.Thread(target=produce)
     producer.start()
@@ -135,8 +111,8 @@ def test_reconnecting_with_last_event_id_resumes_exactly_while_the_task_runs(htt
 
 def test_an_ended_task_replays_everything_and_a_reconnect_after_end_gets_nothing(http: httpx.Client, postgres_url: str) -> None:
     task_id = _submit(http)
-    _add_step(postgres_url, task_id, 1)
-    _finish(postgres_url, task_id)
+    add_step(postgres_url, task_id, 1)
+    finish_task(postgres_url, task_id)
     events = _events(http, task_id)
     assert [(e.event, e.id) for e in events] == [("step", "0"), ("step", "1"), ("step", "2"), ("end", "3")]
     assert _events(http, task_id, last_event_id="3") == []  # after the end: the stream closes at once

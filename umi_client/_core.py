@@ -17,19 +17,8 @@ import httpx
 from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
+import umi_client.errors as errors
 from shared.schemas import StepEvent, TaskCreate, TaskPublic
-from umi_client.errors import (
-    Conflict,
-    InvalidRequest,
-    NotFound,
-    RateLimited,
-    ServiceUnavailable,
-    UmiConnectionError,
-    UmiError,
-    UmiHTTPError,
-    UmiTimeout,
-    Unauthorized,
-)
 
 __all__ = [
     "ClientConfig",
@@ -51,15 +40,15 @@ DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
 #: What :meth:`~umi_client.UmiClient.events` yields: each stored step, then the task's final state.
 TaskEvent: TypeAlias = StepEvent | TaskPublic
 
-_ERRORS_BY_STATUS: dict[int, type[UmiHTTPError]] = {
-    400: InvalidRequest,
-    401: Unauthorized,
-    404: NotFound,
-    409: Conflict,
-    413: InvalidRequest,
-    422: InvalidRequest,
-    429: RateLimited,
-    503: ServiceUnavailable,
+_ERRORS_BY_STATUS: dict[int, type[errors.UmiHTTPError]] = {
+    400: errors.InvalidRequest,
+    401: errors.Unauthorized,
+    404: errors.NotFound,
+    409: errors.Conflict,
+    413: errors.InvalidRequest,
+    422: errors.InvalidRequest,
+    429: errors.RateLimited,
+    503: errors.ServiceUnavailable,
 }
 
 
@@ -136,19 +125,19 @@ def _detail(response: httpx.Response) -> object:
     return body
 
 
-def error_for_response(response: httpx.Response) -> UmiHTTPError | None:
+def error_for_response(response: httpx.Response) -> errors.UmiHTTPError | None:
     """The exception for an error status (its body must have been read), ``None`` for a success."""
     if response.is_success:
         return None
-    error_type = _ERRORS_BY_STATUS.get(response.status_code, UmiHTTPError)
+    error_type = _ERRORS_BY_STATUS.get(response.status_code, errors.UmiHTTPError)
     return error_type(response.status_code, _detail(response), retry_after_s=_retry_after_s(response))
 
 
-def transport_error(exc: httpx.TransportError, what: str) -> UmiError:
+def transport_error(exc: httpx.TransportError, what: str) -> errors.UmiError:
     """An httpx transport failure as the client's own error (the URL named, never a header)."""
     if isinstance(exc, httpx.TimeoutException):
-        return UmiTimeout(f"{what}: timed out ({type(exc).__name__})")
-    return UmiConnectionError(f"{what}: {type(exc).__name__}: {exc}")
+        return errors.UmiTimeout(f"{what}: timed out ({type(exc).__name__})")
+    return errors.UmiConnectionError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 def retry_hook(config: ClientConfig, *, idempotent: bool) -> Callable[[Exception], bool | float]:
@@ -161,11 +150,11 @@ def retry_hook(config: ClientConfig, *, idempotent: bool) -> Callable[[Exception
     """
 
     def on(exc: Exception) -> bool | float:
-        if isinstance(exc, RateLimited | ServiceUnavailable):
+        if isinstance(exc, errors.RateLimited | errors.ServiceUnavailable):
             if exc.retry_after_s is None:
                 return True
             return exc.retry_after_s if exc.retry_after_s <= config.max_retry_after_s else False
-        return idempotent and isinstance(exc, UmiConnectionError | UmiTimeout)
+        return idempotent and isinstance(exc, errors.UmiConnectionError | errors.UmiTimeout)
 
     return on
 
@@ -200,11 +189,11 @@ def decode_event(sse: ServerSentEvent) -> TaskEvent | None:
     return None
 
 
-def timed_out(task_id: uuid.UUID | str, timeout: float | None) -> UmiTimeout:
+def timed_out(task_id: uuid.UUID | str, timeout: float | None) -> errors.UmiTimeout:
     """The error of ``wait`` when the task did not end in time."""
-    return UmiTimeout(f"task {task_id} did not end within {timeout}s")
+    return errors.UmiTimeout(f"task {task_id} did not end within {timeout}s")
 
 
-def stream_gave_up(task_id: uuid.UUID | str, drops: int, last: Exception | None) -> UmiConnectionError:
+def stream_gave_up(task_id: uuid.UUID | str, drops: int, last: Exception | None) -> errors.UmiConnectionError:
     """The error of an event stream that dropped ``drops`` times in a row without a new event."""
-    return UmiConnectionError(f"the event stream of task {task_id} dropped {drops} times without progress: {last}")
+    return errors.UmiConnectionError(f"the event stream of task {task_id} dropped {drops} times without progress: {last}")

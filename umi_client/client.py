@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 import httpx
 import stamina
-from httpx_sse import EventSource
+from httpx_sse import EventSource, ServerSentEvent
 
 from shared.lifecycle import TERMINAL_STATUSES, TaskStatus
-from shared.schemas import TaskAccepted, TaskCreate, TaskPage, TaskPublic
+from shared.schemas import StepEvent, TaskAccepted, TaskCreate, TaskPage, TaskPublic
 from umi_client._core import (
     DEFAULT_TIMEOUT,
     ClientConfig,
@@ -86,9 +86,13 @@ class _ClientBase:
             "GET", f"/v1/tasks/{task_id}/events", headers=events_headers(after), timeout=stream_timeout(self.timeout, deadline)
         )
 
-    @staticmethod
-    def _ended(task: TaskPublic) -> bool:
-        return task.status in TERMINAL_STATUSES
+    def _poll_delay(self, task: TaskPublic, deadline: float | None, timeout: float | None) -> float | None:
+        """While ``wait`` polls: ``None`` once the task ended, else how long to sleep (or raise when out of time)."""
+        if task.status in TERMINAL_STATUSES:
+            return None
+        if deadline is not None and time.monotonic() + self.config.poll_interval_s >= deadline:
+            raise timed_out(task.id, timeout)
+        return self.config.poll_interval_s
 
 
 def _raise_for(response: httpx.Response) -> httpx.Response:
@@ -99,30 +103,42 @@ def _raise_for(response: httpx.Response) -> httpx.Response:
 
 
 class _StreamState:
-    """Where an event stream stands: the last step seen, drops in a row, the reconnection delay."""
+    """Where an event stream stands: the last step seen, drops in a row, the reconnection delay, the deadline."""
 
-    def __init__(self, task_id: uuid.UUID | str, last_event_id: int | None, max_reconnects: int) -> None:
+    def __init__(
+        self, task_id: uuid.UUID | str, last_event_id: int | None, max_reconnects: int, deadline: float | None, timeout: float | None
+    ) -> None:
         self.task_id = task_id
         self.after = last_event_id
         self.max_reconnects = max_reconnects
+        self.deadline = deadline
+        self.timeout = timeout
         self.drops = 0
         self.reconnect_s = _RECONNECT_S
         self.last_error: Exception | None = None
 
-    def take(self, source_event: Any) -> TaskEvent | None:
-        """Decode one received event, remembering the server's retry hint and the last step's id."""
+    def take(self, source_event: ServerSentEvent) -> TaskEvent | None:
+        """Decode one received event, remembering the server's retry hint and the last step's id.
+
+        Past the deadline anything but the end raises :class:`~umi_client.errors.UmiTimeout`
+        (keep-alives arrive as empty events, so a silent task is noticed too).
+        """
         if source_event.retry is not None:
             self.reconnect_s = source_event.retry / 1000
         event = decode_event(source_event)
-        if event is not None and not isinstance(event, TaskPublic):
+        if isinstance(event, TaskPublic):
+            return event
+        if isinstance(event, StepEvent):
             self.after = event.index
             self.drops = 0
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise timed_out(self.task_id, self.timeout)
         return event
 
-    def dropped(self, error: Exception | None, deadline: float | None, timeout: float | None) -> float:
+    def dropped(self, error: Exception | None) -> float:
         """Count a drop; the delay before reconnecting, or raise when out of time or patience."""
-        if deadline is not None and time.monotonic() >= deadline:
-            raise timed_out(self.task_id, timeout)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise timed_out(self.task_id, self.timeout)
         self.drops += 1
         self.last_error = error or self.last_error
         if self.drops > self.max_reconnects:
@@ -207,25 +223,22 @@ class UmiClient(_ClientBase):
     def _stream(
         self, task_id: uuid.UUID | str, *, last_event_id: int | None, deadline: float | None, timeout: float | None
     ) -> Generator[TaskEvent, None, None]:
-        state = _StreamState(task_id, last_event_id, self.config.max_reconnects)
+        state = _StreamState(task_id, last_event_id, self.config.max_reconnects, deadline, timeout)
         while True:
             error: Exception | None = None
             request = self._events_request(self._http, task_id, state.after, deadline)
             response = self._call(lambda: self._http.send(request, stream=True), idempotent=True, what=f"events of task {task_id}", deadline=deadline)
             try:
                 for source_event in EventSource(response).iter_sse():
-                    event = state.take(source_event)
-                    if event is not None:
+                    if (event := state.take(source_event)) is not None:
                         yield event
                         if isinstance(event, TaskPublic):
                             return
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise timed_out(task_id, timeout)
             except httpx.TransportError as exc:  # dropped (or silent past the read timeout): resume
                 error = exc
             finally:
                 response.close()
-            time.sleep(state.dropped(error, deadline, timeout))
+            time.sleep(state.dropped(error))
 
     def wait(self, task_id: uuid.UUID | str, *, timeout: float | None = None) -> TaskPublic:
         """Block until the task ends and return it, following its events (falling back to polling
@@ -238,13 +251,9 @@ class UmiClient(_ClientBase):
                         return event
         except (NotFound, ServiceUnavailable, UmiConnectionError):
             pass  # no usable stream (an older gateway, a proxy that buffers): poll instead
-        while True:
-            task = self.get(task_id)
-            if self._ended(task):
-                return task
-            if deadline is not None and time.monotonic() + self.config.poll_interval_s >= deadline:
-                raise timed_out(task_id, timeout)
-            time.sleep(self.config.poll_interval_s)
+        while (delay := self._poll_delay(task := self.get(task_id), deadline, timeout)) is not None:
+            time.sleep(delay)
+        return task
 
 
 class AsyncUmiClient(_ClientBase):
@@ -320,7 +329,7 @@ class AsyncUmiClient(_ClientBase):
     async def _stream(
         self, task_id: uuid.UUID | str, *, last_event_id: int | None, deadline: float | None, timeout: float | None
     ) -> AsyncGenerator[TaskEvent, None]:
-        state = _StreamState(task_id, last_event_id, self.config.max_reconnects)
+        state = _StreamState(task_id, last_event_id, self.config.max_reconnects, deadline, timeout)
         while True:
             error: Exception | None = None
             request = self._events_request(self._http, task_id, state.after, deadline)
@@ -329,18 +338,15 @@ class AsyncUmiClient(_ClientBase):
             )
             try:
                 async for source_event in EventSource(response).aiter_sse():
-                    event = state.take(source_event)
-                    if event is not None:
+                    if (event := state.take(source_event)) is not None:
                         yield event
                         if isinstance(event, TaskPublic):
                             return
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise timed_out(task_id, timeout)
             except httpx.TransportError as exc:  # dropped (or silent past the read timeout): resume
                 error = exc
             finally:
                 await response.aclose()
-            await asyncio.sleep(state.dropped(error, deadline, timeout))
+            await asyncio.sleep(state.dropped(error))
 
     async def wait(self, task_id: uuid.UUID | str, *, timeout: float | None = None) -> TaskPublic:
         """As :meth:`UmiClient.wait`, awaited."""
@@ -354,10 +360,6 @@ class AsyncUmiClient(_ClientBase):
             pass  # no usable stream (an older gateway, a proxy that buffers): poll instead
         finally:
             await stream.aclose()
-        while True:
-            task = await self.get(task_id)
-            if self._ended(task):
-                return task
-            if deadline is not None and time.monotonic() + self.config.poll_interval_s >= deadline:
-                raise timed_out(task_id, timeout)
-            await asyncio.sleep(self.config.poll_interval_s)
+        while (delay := self._poll_delay(task := await self.get(task_id), deadline, timeout)) is not None:
+            await asyncio.sleep(delay)
+        return task
