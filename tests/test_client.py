@@ -22,14 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.gateway.app import create_app
 from shared.asgi import ServerThread
 from shared.db import get_engine, session_scope
-from shared.settings import Settings, load_settings
 from shared.tenants import create_api_key
 from tests.conftest import TRAIN_FILES, UMI, load_trajectories, single_chain_indices
-from tests.pipeline_helpers import CollectingDispatcher
-from tests.stored_steps import TASK, add_step, finish_task
+from tests.stored_steps import TASK, add_step, finish_task, gateway_settings, start_gateway
 from tests.tcp_proxy import TcpProxy
 from umi.deployment import Deployment
 from umi_client import (
@@ -50,13 +47,9 @@ from umi_client import (
 from umi_client._core import error_for_response
 
 
-def _settings(postgres_url: str, **overrides: object) -> Settings:
-    return load_settings(**{"database_url": postgres_url, "auth": False, "events_poll_interval_s": 0.05, "events_keepalive_s": 0.3, **overrides})
-
-
 @pytest.fixture(scope="module")
 def gateway(postgres_url: str) -> Iterator[ServerThread]:
-    with ServerThread(create_app(_settings(postgres_url), dispatcher=CollectingDispatcher())) as server:
+    with start_gateway(gateway_settings(postgres_url)) as server:
         yield server
 
 
@@ -226,8 +219,7 @@ def test_http_errors_map_to_the_client_exceptions_and_the_key_is_never_shown(
     with session_scope(get_engine(postgres_url)) as session:
         key = create_api_key(session=session, tenant_name=f"client-{uuid.uuid4().hex[:6]}").key
         slow_key = create_api_key(session=session, tenant_name=f"slow-{uuid.uuid4().hex[:6]}").key
-    settings = _settings(postgres_url, auth=True, tenant_rate_per_s=0.5, tenant_burst=2)
-    with ServerThread(create_app(settings, dispatcher=CollectingDispatcher())) as server:
+    with start_gateway(gateway_settings(postgres_url, auth=True, tenant_rate_per_s=0.5, tenant_burst=2)) as server:
         with UmiClient(server.url, retries=0) as anonymous, pytest.raises(Unauthorized) as unauthorized:
             anonymous.get(uuid.uuid4())
         assert unauthorized.value.status == 401 and "API key" in str(unauthorized.value.detail)
@@ -311,7 +303,7 @@ def test_umi_submit_sends_the_api_key_and_exits_2_when_refused(postgres_url: str
     tools.write_text(json.dumps(TASK["tools"]))
     with session_scope(get_engine(postgres_url)) as session:
         key = create_api_key(session=session, tenant_name=f"cli-{uuid.uuid4().hex[:6]}").key
-    with ServerThread(create_app(_settings(postgres_url, auth=True), dispatcher=CollectingDispatcher())) as server:
+    with start_gateway(gateway_settings(postgres_url, auth=True)) as server:
         command = [str(UMI), "submit", str(TASK["query"]), "--tools", str(tools), "--gateway", server.url]
         refused = subprocess.run(command, capture_output=True, text=True, timeout=30)
         assert refused.returncode == 2 and "the gateway refused the task (401)" in refused.stderr

@@ -16,23 +16,16 @@ import pytest
 from httpx_sse import ServerSentEvent, connect_sse
 from prometheus_client import REGISTRY
 
-from services.gateway.app import create_app
 from shared.asgi import ServerThread
 from shared.db import get_engine, session_scope
 from shared.schemas import StepEvent, TaskPublic
-from shared.settings import Settings, load_settings
 from shared.tenants import create_api_key
-from tests.pipeline_helpers import CollectingDispatcher
-from tests.stored_steps import TASK, add_step, finish_task
-
-
-def _settings(postgres_url: str, **overrides: object) -> Settings:
-    return load_settings(**{"database_url": postgres_url, "auth": False, "events_poll_interval_s": 0.05, "events_keepalive_s": 0.3, **overrides})
+from tests.stored_steps import TASK, add_step, finish_task, gateway_settings, start_gateway
 
 
 @pytest.fixture(scope="module")
 def gateway(postgres_url: str) -> Iterator[ServerThread]:
-    with ServerThread(create_app(_settings(postgres_url), dispatcher=CollectingDispatcher())) as server:
+    with start_gateway(gateway_settings(postgres_url)) as server:
         yield server
 
 
@@ -132,9 +125,21 @@ def test_a_bad_last_event_id_is_a_422_naming_the_header(http: httpx.Client, bad:
     assert response.json()["detail"][0]["loc"] == ["header", "Last-Event-ID"]
 
 
+def _streams_open() -> float:
+    return REGISTRY.get_sample_value("umi_event_streams_open") or 0.0
+
+
+def _until_no_stream_is_open() -> None:
+    """Every stream this process served ends soon after its client left (earlier tests' too)."""
+    deadline = time.monotonic() + 5
+    while _streams_open() != 0:
+        assert time.monotonic() < deadline, f"{_streams_open()} streams still open after their clients left"
+        time.sleep(0.05)
+
+
 def test_the_stream_sends_a_retry_hint_and_keep_alives_and_ends_when_the_client_leaves(http: httpx.Client) -> None:
     task_id = _submit(http)  # never runs: the stream waits, sending keep-alives
-    open_before = REGISTRY.get_sample_value("umi_event_streams_open") or 0.0
+    _until_no_stream_is_open()
     lines: list[str] = []
     with http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -142,13 +147,10 @@ def test_the_stream_sends_a_retry_hint_and_keep_alives_and_ends_when_the_client_
             lines.append(line)
             if line == ": keep-alive":
                 break
-        assert REGISTRY.get_sample_value("umi_event_streams_open") == open_before + 1
+        assert _streams_open() == 1
     assert lines[0] == "retry: 1000"
     assert "event: step" in lines and "id: 0" in lines
-    deadline = time.monotonic() + 5
-    while REGISTRY.get_sample_value("umi_event_streams_open") != open_before:
-        assert time.monotonic() < deadline, "the stream did not end after the client disconnected"
-        time.sleep(0.05)
+    _until_no_stream_is_open()
 
 
 def test_another_tenants_task_is_404_before_any_stream_and_no_key_is_401(postgres_url: str) -> None:
@@ -156,7 +158,7 @@ def test_another_tenants_task_is_404_before_any_stream_and_no_key_is_401(postgre
     with session_scope(engine) as session:
         alice = create_api_key(session=session, tenant_name=f"alice-{uuid.uuid4().hex[:6]}").key
         bob = create_api_key(session=session, tenant_name=f"bob-{uuid.uuid4().hex[:6]}").key
-    with ServerThread(create_app(_settings(postgres_url, auth=True), dispatcher=CollectingDispatcher())) as server:
+    with start_gateway(gateway_settings(postgres_url, auth=True)) as server:
         with httpx.Client(base_url=server.url, timeout=10) as http:
             accepted = http.post("/v1/tasks", json=TASK, headers={"Authorization": f"Bearer {alice}"})
             assert accepted.status_code == 202, accepted.text
