@@ -170,3 +170,10 @@ def test_another_tenants_task_is_404_before_any_stream_and_no_key_is_401(postgre
             with connect_sse(http, "GET", url, headers={"Authorization": f"Bearer {alice}"}) as source:
                 first = next(e for e in source.iter_sse() if e.event == "step")
             assert StepEvent.model_validate_json(first.data).output == TASK["query"]
+
+
+def test_the_openapi_document_shows_the_stream_and_json_errors(gateway: ServerThread) -> None:
+    route = httpx.get(f"{gateway.url}/openapi.json", timeout=10).json()["paths"]["/v1/tasks/{task_id}/events"]["get"]
+    media = {status: list(response["content"]) for status, response in route["responses"].items()}
+    assert media == {"200": ["text/event-stream"], **{s: ["application/json"] for s in ("401", "404", "422", "429")}}
+    assert [p["name"] for p in route["parameters"]] == ["task_id", "Last-Event-ID"]

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -100,6 +100,18 @@ def _tenant_task(task_id: uuid.UUID, request: Request, tenant: CurrentTenant) ->
     return task_id
 
 
+def _as_json(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """Error responses as ``application/json``: given as a ``model``, FastAPI would file them under the
+    route's own media type (``text/event-stream``), which they are not."""
+    return {
+        status_code: {
+            "description": response["description"],
+            "content": {"application/json": {"schema": response["model"].model_json_schema()}},
+        }
+        for status_code, response in responses.items()
+    }
+
+
 LastEventId = Annotated[
     int | None,
     Header(
@@ -114,8 +126,7 @@ LastEventId = Annotated[
     "/v1/tasks/{task_id}/events",
     response_class=EventSourceResponse,
     responses={
-        **AUTHENTICATED,
-        **NOT_FOUND,
+        **_as_json(AUTHENTICATED | NOT_FOUND),
         200: {
             "description": "`step` events (id = step index, data = StepEvent), then one `end` event "
             "(id = number of steps, data = TaskPublic), then the stream closes.",
