@@ -37,14 +37,16 @@ from umi_client import (
     RateLimited,
     ServiceUnavailable,
     StepEvent,
+    TaskAccepted,
     TaskPublic,
     UmiClient,
     UmiConnectionError,
     UmiHTTPError,
+    UmiProtocolError,
     UmiTimeout,
     Unauthorized,
 )
-from umi_client._core import error_for_response
+from umi_client._core import error_for_response, parse
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +264,8 @@ def test_every_error_status_has_its_exception() -> None:
         assert error.status == status and error.retry_after_s == 3
     assert error_for_response(httpx.Response(503, json={"error": {"type": "x", "message": "the broker is unreachable"}}, request=request)).detail == "the broker is unreachable"  # type: ignore[union-attr]
     assert error_for_response(httpx.Response(202, json={}, request=request)) is None
+    with pytest.raises(UmiProtocolError, match="not a TaskAccepted"):
+        parse(TaskAccepted, b'{"task": 1}', "POST /v1/tasks")
 
 
 def _lines(process: subprocess.Popen[str]) -> queue.Queue[str]:

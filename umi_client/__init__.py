@@ -25,6 +25,7 @@ from umi_client.errors import (
     UmiConnectionError,
     UmiError,
     UmiHTTPError,
+    UmiProtocolError,
     UmiTimeout,
     Unauthorized,
 )
@@ -48,5 +49,6 @@ __all__ = [
     "UmiConnectionError",
     "UmiError",
     "UmiHTTPError",
+    "UmiProtocolError",
     "UmiTimeout",
 ]

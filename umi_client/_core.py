@@ -11,11 +11,11 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import httpx
 from httpx_sse import ServerSentEvent
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import umi_client.errors as errors
 from shared.schemas import StepEvent, TaskCreate, TaskPublic
@@ -27,6 +27,7 @@ __all__ = [
     "decode_event",
     "error_for_response",
     "events_headers",
+    "parse",
     "retry_hook",
     "submit_request",
     "transport_error",
@@ -36,6 +37,8 @@ __all__ = [
 #: (the events route sends a keep-alive comment every 15 s by default, well inside it).
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=5.0)
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
+
+M = TypeVar("M", bound=BaseModel)
 
 #: What :meth:`~umi_client.UmiClient.events` yields: each stored step, then the task's final state.
 TaskEvent: TypeAlias = StepEvent | TaskPublic
@@ -180,12 +183,20 @@ def events_headers(last_event_id: int | None) -> dict[str, str]:
     return headers
 
 
+def parse(model: type[M], content: str | bytes, what: str) -> M:
+    """``content`` as ``model``; a body that is not one is a :class:`~umi_client.errors.UmiProtocolError`."""
+    try:
+        return model.model_validate_json(content)
+    except ValidationError as exc:
+        raise errors.UmiProtocolError(f"{what}: the gateway's answer is not a {model.__name__}: {exc}") from exc
+
+
 def decode_event(sse: ServerSentEvent) -> TaskEvent | None:
     """A ``step`` or ``end`` event as its model; other events (the retry hint, keep-alives) are ``None``."""
     if sse.event == "step":
-        return StepEvent.model_validate_json(sse.data)
+        return parse(StepEvent, sse.data, f"event {sse.id}")
     if sse.event == "end":
-        return TaskPublic.model_validate_json(sse.data)
+        return parse(TaskPublic, sse.data, f"event {sse.id}")
     return None
 
 

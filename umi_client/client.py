@@ -3,8 +3,10 @@
 Both send ``Authorization: Bearer <key>`` (the ``api_key`` argument, else ``UMI_API_KEY``) to
 ``base_url`` (else ``UMI_GATEWAY_URL``), bound every phase of a request by a timeout, raise
 only :class:`~umi_client.errors.UmiError` subclasses, and retry only what is safe to send
-again (``429``/``503`` after ``Retry-After``; connection errors for idempotent calls; every
-``submit`` carries an idempotency key, so a retried POST cannot create a second task).
+again (``429``/``503`` after ``Retry-After``; connection errors and timeouts for idempotent
+calls). Every call of this API is idempotent: the ``GET``\ s, ``cancel`` (cancelling twice is
+cancelling once) and ``submit``, which always carries an idempotency key, so a retried POST cannot
+create a second task.
 Retries are run by ``stamina``; server-sent events are parsed by ``httpx-sse``.
 """
 
@@ -16,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import stamina
@@ -27,10 +29,12 @@ from shared.schemas import StepEvent, TaskAccepted, TaskCreate, TaskPage, TaskPu
 from umi_client._core import (
     DEFAULT_TIMEOUT,
     ClientConfig,
+    M,
     TaskEvent,
     decode_event,
     error_for_response,
     events_headers,
+    parse,
     remaining_s,
     retry_hook,
     stream_gave_up,
@@ -42,8 +46,6 @@ from umi_client._core import (
 from umi_client.errors import NotFound, ServiceUnavailable, UmiConnectionError
 
 __all__ = ["AsyncUmiClient", "UmiClient"]
-
-T = TypeVar("T")
 
 #: How long to wait before reopening a dropped event stream, until the server's ``retry:`` hint says.
 _RECONNECT_S = 1.0
@@ -189,27 +191,29 @@ class UmiClient(_ClientBase):
                 return _raise_for(response)
         raise AssertionError("unreachable: stamina re-raises the last error")
 
+    def _request(self, model: type[M], method: str, url: str, **kwargs: Any) -> M:
+        """One JSON call, retried where safe (every call of this API is idempotent: see the module doc)."""
+        what = f"{method} {url}"
+        response = self._call(lambda: self._http.request(method, url, **kwargs), idempotent=True, what=what)
+        return parse(model, response.content, what)
+
     def submit(self, task: TaskCreate | Mapping[str, Any], *, idempotency_key: str | None = None) -> TaskAccepted:
         """Submit a task (``POST /v1/tasks``); the same ``idempotency_key`` always means the same task."""
         body, headers = submit_request(task, idempotency_key)
-        response = self._call(lambda: self._http.post("/v1/tasks", json=body, headers=headers), idempotent=True, what="POST /v1/tasks")
-        return TaskAccepted.model_validate_json(response.content)
+        return self._request(TaskAccepted, "POST", "/v1/tasks", json=body, headers=headers)
 
     def get(self, task_id: uuid.UUID | str) -> TaskPublic:
         """The task, its status and its steps so far (``GET /v1/tasks/{id}``)."""
-        response = self._call(lambda: self._http.get(f"/v1/tasks/{task_id}"), idempotent=True, what=f"GET task {task_id}")
-        return TaskPublic.model_validate_json(response.content)
+        return self._request(TaskPublic, "GET", f"/v1/tasks/{task_id}")
 
     def list(self, *, status: TaskStatus | str | None = None, limit: int | None = None, cursor: str | None = None) -> TaskPage:
         """A page of the tenant's tasks, newest first (``GET /v1/tasks``); pass ``next_cursor`` on."""
         params = {k: str(v) for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
-        response = self._call(lambda: self._http.get("/v1/tasks", params=params), idempotent=True, what="GET /v1/tasks")
-        return TaskPage.model_validate_json(response.content)
+        return self._request(TaskPage, "GET", "/v1/tasks", params=params)
 
     def cancel(self, task_id: uuid.UUID | str) -> TaskPublic:
         """Cancel the task (a task that already ended is returned unchanged, so this is safe to retry)."""
-        response = self._call(lambda: self._http.post(f"/v1/tasks/{task_id}/cancel"), idempotent=True, what=f"cancel task {task_id}")
-        return TaskPublic.model_validate_json(response.content)
+        return self._request(TaskPublic, "POST", f"/v1/tasks/{task_id}/cancel")
 
     def events(self, task_id: uuid.UUID | str, *, last_event_id: int | None = None) -> Iterator[TaskEvent]:
         """Each stored step (:class:`~shared.schemas.StepEvent`) as it is stored, then the final
@@ -300,27 +304,29 @@ class AsyncUmiClient(_ClientBase):
                 return _raise_for(response)
         raise AssertionError("unreachable: stamina re-raises the last error")
 
+    async def _request(self, model: type[M], method: str, url: str, **kwargs: Any) -> M:
+        """One JSON call, retried where safe (every call of this API is idempotent: see the module doc)."""
+        what = f"{method} {url}"
+        response = await self._call(lambda: self._http.request(method, url, **kwargs), idempotent=True, what=what)
+        return parse(model, response.content, what)
+
     async def submit(self, task: TaskCreate | Mapping[str, Any], *, idempotency_key: str | None = None) -> TaskAccepted:
         """Submit a task (``POST /v1/tasks``); the same ``idempotency_key`` always means the same task."""
         body, headers = submit_request(task, idempotency_key)
-        response = await self._call(lambda: self._http.post("/v1/tasks", json=body, headers=headers), idempotent=True, what="POST /v1/tasks")
-        return TaskAccepted.model_validate_json(response.content)
+        return await self._request(TaskAccepted, "POST", "/v1/tasks", json=body, headers=headers)
 
     async def get(self, task_id: uuid.UUID | str) -> TaskPublic:
         """The task, its status and its steps so far (``GET /v1/tasks/{id}``)."""
-        response = await self._call(lambda: self._http.get(f"/v1/tasks/{task_id}"), idempotent=True, what=f"GET task {task_id}")
-        return TaskPublic.model_validate_json(response.content)
+        return await self._request(TaskPublic, "GET", f"/v1/tasks/{task_id}")
 
     async def list(self, *, status: TaskStatus | str | None = None, limit: int | None = None, cursor: str | None = None) -> TaskPage:
         """A page of the tenant's tasks, newest first (``GET /v1/tasks``); pass ``next_cursor`` on."""
         params = {k: str(v) for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
-        response = await self._call(lambda: self._http.get("/v1/tasks", params=params), idempotent=True, what="GET /v1/tasks")
-        return TaskPage.model_validate_json(response.content)
+        return await self._request(TaskPage, "GET", "/v1/tasks", params=params)
 
     async def cancel(self, task_id: uuid.UUID | str) -> TaskPublic:
         """Cancel the task (a task that already ended is returned unchanged, so this is safe to retry)."""
-        response = await self._call(lambda: self._http.post(f"/v1/tasks/{task_id}/cancel"), idempotent=True, what=f"cancel task {task_id}")
-        return TaskPublic.model_validate_json(response.content)
+        return await self._request(TaskPublic, "POST", f"/v1/tasks/{task_id}/cancel")
 
     def events(self, task_id: uuid.UUID | str, *, last_event_id: int | None = None) -> AsyncIterator[TaskEvent]:
         """As :meth:`UmiClient.events`, an async iterator (``async for event in client.events(id)``)."""

@@ -11,7 +11,8 @@
     │   ├── RateLimited(retry_after_s)    429: over the tenant's limits
     │   └── ServiceUnavailable            503: the gateway's database or broker is unreachable
     ├── UmiTimeout                        no answer in time (the HTTP timeouts, or ``wait(timeout=...)``)
-    └── UmiConnectionError                the gateway could not be reached, or a stream kept dropping
+    ├── UmiConnectionError                the gateway could not be reached, or a stream kept dropping
+    └── UmiProtocolError                  the gateway's answer is not what the API promises (another version?)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "UmiConnectionError",
     "UmiError",
     "UmiHTTPError",
+    "UmiProtocolError",
     "UmiTimeout",
 ]
 
@@ -75,3 +77,7 @@ class UmiTimeout(UmiError):
 
 class UmiConnectionError(UmiError):
     """The gateway could not be reached, or an event stream dropped again and again without progress."""
+
+
+class UmiProtocolError(UmiError):
+    """The gateway answered something the API does not promise (a client and gateway of different versions?)."""
