@@ -21,6 +21,7 @@ from shared.db import get_engine, session_scope
 from shared.schemas import StepEvent, TaskPublic
 from shared.tenants import create_api_key
 from tests.stored_steps import TASK, add_step, finish_task, gateway_settings, start_gateway
+from tests.tcp_proxy import TcpProxy
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,22 @@ def test_the_openapi_document_shows_the_stream_and_json_errors(gateway: ServerTh
     media = {status: list(response["content"]) for status, response in route["responses"].items()}
     assert media == {"200": ["text/event-stream"], **{s: ["application/json"] for s in ("401", "404", "422", "429")}}
     assert [p["name"] for p in route["parameters"]] == ["task_id", "Last-Event-ID"]
+
+
+def test_the_stream_outlives_a_database_outage(postgres_url: str) -> None:
+    with TcpProxy("127.0.0.1", 5432) as database:
+        proxied_url = postgres_url.replace("127.0.0.1:5432/", f"127.0.0.1:{database.port}/")
+        with start_gateway(gateway_settings(proxied_url)) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+            task_id = _submit(http)
+            received: list[str | None] = []
+            with connect_sse(http, "GET", f"/v1/tasks/{task_id}/events") as source:
+                for event in source.iter_sse():
+                    if event.event not in ("step", "end"):
+                        continue
+                    received.append(event.id)
+                    if event.id == "0":
+                        database.cut()  # the gateway's polls fail for a while
+                        add_step(postgres_url, task_id, 1)
+                        finish_task(postgres_url, task_id)
+                        threading.Timer(0.5, database.restore).start()
+    assert received == ["0", "1", "2", "3"]  # one connection: the client never noticed

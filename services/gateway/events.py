@@ -19,6 +19,7 @@ cancels the response, which cancels this generator at its next ``await``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col, select
 
 from services.gateway.auth import CurrentTenant
@@ -45,6 +47,7 @@ __all__ = ["RETRY_MS", "TaskEvents", "end_event_id", "read_new_events", "router"
 RETRY_MS = 1000
 
 router = APIRouter()
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,10 @@ async def task_events(
                 found = await asyncio.to_thread(read_new_events, engine, task_id, after=after)
             except LookupError:
                 return
+            except OperationalError as exc:
+                # The database is unreachable for a moment: keep the stream (and its client) and look again.
+                found = TaskEvents(steps=[], ended=None)
+                logger.warning("task %s events: the database is unreachable, retrying: %s", task_id, type(exc).__name__)
             for step in found.steps:
                 yield ServerSentEvent(event="step", id=str(step.index), raw_data=_json(step))
                 after = step.index
