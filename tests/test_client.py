@@ -7,6 +7,7 @@ step appears; one runs a recorded trajectory through the real workers on RabbitM
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
@@ -25,7 +26,7 @@ import pytest
 from shared.asgi import ServerThread
 from shared.db import get_engine, session_scope
 from shared.tenants import create_api_key
-from tests.conftest import TRAIN_FILES, UMI, load_trajectories, single_chain_indices
+from tests.conftest import REPO, TRAIN_FILES, UMI, load_trajectories, single_chain_indices
 from tests.stored_steps import TASK, add_step, finish_task, gateway_settings, start_gateway
 from tests.tcp_proxy import TcpProxy
 from umi.deployment import Deployment
@@ -359,3 +360,16 @@ def test_client_and_umi_submit_follow_a_real_run_through_the_workers(deployment:
     printed = "".join(f"[{i}] {role[t['from']]}: {t['value']}\n" for i, t in enumerate(turns, start=1))
     assert printed in result.stdout
     assert result.stdout.endswith(f"status: succeeded (answered)\nanswer: {turns[-1]['value']}\n")
+
+
+def test_the_client_imports_only_the_api_schemas_from_the_product() -> None:
+    """``umi_client`` can be read (and one day shipped) alone: of the product it needs only the API's models."""
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for path in (REPO / "umi_client").glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    product = {name for name in imported if name and name.split(".")[0] in ("shared", "services", "umi", "evaluation")}
+    assert product == {"shared.schemas", "shared.lifecycle"}
