@@ -155,31 +155,42 @@ def test_async_events_resume_after_the_connection_drops(gateway: ServerThread, p
         assert _summary(asyncio.run(scenario(proxy))) == [0, 1, 2, "end:succeeded"]
 
 
-class _WithoutEventsRoute(httpx.BaseTransport):
-    """The real gateway, as an older one without the events route would answer (404 there)."""
+class _WithoutEventStream(httpx.BaseTransport):
+    """The real gateway, except that the events route answers ``events_answer`` (an older gateway's 404,
+    a proxy's page)."""
 
-    def __init__(self) -> None:
+    def __init__(self, events_answer: httpx.Response) -> None:
         self.inner = httpx.HTTPTransport()
+        self.events_answer = events_answer
         self.paths: list[str] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         self.paths.append(request.url.path)
         if request.url.path.endswith("/events"):
-            return httpx.Response(404, json={"detail": "Not Found"})
+            return self.events_answer
         return self.inner.handle_request(request)
 
 
-def test_wait_falls_back_to_polling_when_there_is_no_event_stream(gateway: ServerThread, postgres_url: str) -> None:
-    transport = _WithoutEventsRoute()
+@pytest.mark.parametrize(
+    "events_answer",
+    [httpx.Response(404, json={"detail": "Not Found"}), httpx.Response(200, html="<html>Please log in</html>")],
+    ids=["older-gateway", "proxy-page"],
+)
+def test_wait_falls_back_to_polling_when_there_is_no_event_stream(
+    gateway: ServerThread, postgres_url: str, events_answer: httpx.Response
+) -> None:
+    transport = _WithoutEventStream(events_answer)
     with UmiClient(gateway.url, transport=transport, poll_interval_s=0.05) as umi:
         accepted = umi.submit(TASK)
+        with pytest.raises(NotFound if events_answer.status_code == 404 else UmiProtocolError):
+            next(umi.events(accepted.id))
         producer = _later(lambda: finish_task(postgres_url, accepted.id), delay_s=0.3)
         task = umi.wait(accepted.id, timeout=10)
         producer.join()
         assert task.status == "succeeded" and task.answer == "It is valid."
         with pytest.raises(NotFound):
             umi.wait(uuid.uuid4(), timeout=5)  # an unknown task stays NotFound, stream or not
-    assert transport.paths.count(f"/v1/tasks/{accepted.id}/events") == 1
+    assert transport.paths.count(f"/v1/tasks/{accepted.id}/events") == 2
     assert transport.paths.count(f"/v1/tasks/{accepted.id}") >= 2  # polled
 
 

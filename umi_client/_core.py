@@ -24,6 +24,7 @@ __all__ = [
     "ClientConfig",
     "DEFAULT_TIMEOUT",
     "TaskEvent",
+    "check_event_stream",
     "decode_event",
     "error_for_response",
     "events_headers",
@@ -189,6 +190,15 @@ def parse(model: type[M], content: str | bytes, what: str) -> M:
         return model.model_validate_json(content)
     except ValidationError as exc:
         raise errors.UmiProtocolError(f"{what}: the gateway's answer is not a {model.__name__}: {exc}") from exc
+
+
+def check_event_stream(response: httpx.Response) -> httpx.Response:
+    """``response`` if it is an event stream; else (a proxy's page, an older gateway) a protocol error."""
+    content_type = response.headers.get("content-type", "").partition(";")[0].strip()
+    if content_type != "text/event-stream":
+        response.close()
+        raise errors.UmiProtocolError(f"{response.request.url.path}: expected an event stream, got {content_type or 'no content type'!r}")
+    return response
 
 
 def decode_event(sse: ServerSentEvent) -> TaskEvent | None:

@@ -31,6 +31,7 @@ from umi_client._core import (
     ClientConfig,
     M,
     TaskEvent,
+    check_event_stream,
     decode_event,
     error_for_response,
     events_headers,
@@ -43,7 +44,7 @@ from umi_client._core import (
     timed_out,
     transport_error,
 )
-from umi_client.errors import NotFound, ServiceUnavailable, UmiConnectionError
+from umi_client.errors import NotFound, ServiceUnavailable, UmiConnectionError, UmiProtocolError
 
 __all__ = ["AsyncUmiClient", "UmiClient"]
 
@@ -233,7 +234,7 @@ class UmiClient(_ClientBase):
             request = self._events_request(self._http, task_id, state.after, deadline)
             response = self._call(lambda: self._http.send(request, stream=True), idempotent=True, what=f"events of task {task_id}", deadline=deadline)
             try:
-                for source_event in EventSource(response).iter_sse():
+                for source_event in EventSource(check_event_stream(response)).iter_sse():
                     if (event := state.take(source_event)) is not None:
                         yield event
                         if isinstance(event, TaskPublic):
@@ -253,8 +254,8 @@ class UmiClient(_ClientBase):
                 for event in stream:
                     if isinstance(event, TaskPublic):
                         return event
-        except (NotFound, ServiceUnavailable, UmiConnectionError):
-            pass  # no usable stream (an older gateway, a proxy that buffers): poll instead
+        except (NotFound, ServiceUnavailable, UmiConnectionError, UmiProtocolError):
+            pass  # no usable stream (an older gateway, a proxy that buffers or rewrites it): poll instead
         while (delay := self._poll_delay(task := self.get(task_id), deadline, timeout)) is not None:
             time.sleep(delay)
         return task
@@ -343,7 +344,7 @@ class AsyncUmiClient(_ClientBase):
                 lambda: self._http.send(request, stream=True), idempotent=True, what=f"events of task {task_id}", deadline=deadline
             )
             try:
-                async for source_event in EventSource(response).aiter_sse():
+                async for source_event in EventSource(check_event_stream(response)).aiter_sse():
                     if (event := state.take(source_event)) is not None:
                         yield event
                         if isinstance(event, TaskPublic):
@@ -362,8 +363,8 @@ class AsyncUmiClient(_ClientBase):
             async for event in stream:
                 if isinstance(event, TaskPublic):
                     return event
-        except (NotFound, ServiceUnavailable, UmiConnectionError):
-            pass  # no usable stream (an older gateway, a proxy that buffers): poll instead
+        except (NotFound, ServiceUnavailable, UmiConnectionError, UmiProtocolError):
+            pass  # no usable stream (an older gateway, a proxy that buffers or rewrites it): poll instead
         finally:
             await stream.aclose()
         while (delay := self._poll_delay(task := await self.get(task_id), deadline, timeout)) is not None:
