@@ -6,6 +6,7 @@ directly, as a worker's transaction would, so the test controls when each appear
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -16,10 +17,12 @@ import pytest
 from httpx_sse import ServerSentEvent, connect_sse
 from prometheus_client import REGISTRY
 
+from services.gateway.app import create_app
 from shared.asgi import ServerThread
 from shared.db import get_engine, session_scope
 from shared.schemas import StepEvent, TaskPublic
 from shared.tenants import create_api_key
+from tests.pipeline_helpers import CollectingDispatcher
 from tests.stored_steps import TASK, add_step, finish_task, gateway_settings, start_gateway
 from tests.tcp_proxy import TcpProxy
 
@@ -197,3 +200,24 @@ def test_the_stream_outlives_a_database_outage(postgres_url: str) -> None:
                         finish_task(postgres_url, task_id)
                         threading.Timer(0.5, database.restore).start()
     assert received == ["0", "1", "2", "3"]  # one connection: the client never noticed
+
+
+def test_open_streams_do_not_hold_up_a_gateway_shutdown(postgres_url: str) -> None:
+    """A stream never ends by itself; stopping the gateway cuts it after the grace period (the client resumes elsewhere)."""
+    server = ServerThread(create_app(gateway_settings(postgres_url), dispatcher=CollectingDispatcher()), graceful_shutdown_s=0.5).start()
+    http = httpx.Client(base_url=server.url, timeout=10)
+    task_id = _submit(http)
+    ended = threading.Event()
+
+    def follow() -> None:
+        with contextlib.suppress(httpx.TransportError), http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+            for _ in response.iter_lines():
+                pass
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    server.stop(timeout_s=10)
+    assert time.monotonic() - started < 3 and ended.wait(5)
+    http.close()

@@ -212,7 +212,14 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
     from services.gateway.app import create_app
 
-    uvicorn.run(create_app(get_settings()), host=args.host, port=args.port, log_level=args.loglevel.lower())
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.loglevel.lower(),
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # open event streams never end
+    )
     return 0
 
 
