@@ -6,6 +6,7 @@ COPY shared ./shared
 COPY services ./services
 COPY evaluation ./evaluation
 COPY umi ./umi
+COPY umi_client ./umi_client
 COPY examples ./examples
 RUN pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps 'sglang==0.5.23'

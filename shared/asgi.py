@@ -29,10 +29,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """A uvicorn server for ``app`` running in a daemon thread until :meth:`stop`."""
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(
+        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", graceful_shutdown_s: float = 5.0
+    ) -> None:
+        """``graceful_shutdown_s``: how long :meth:`stop` lets open requests finish before cutting them
+        (an event stream never finishes by itself)."""
         self.host = host
         self.port = port or free_port(host)
-        config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, lifespan="on", access_log=False)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=self.port,
+            log_level=log_level,
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=graceful_shutdown_s,  # type: ignore[arg-type]  # uvicorn waits a float fine
+        )
         self._server = uvicorn.Server(config)
         # Signal handlers belong to the main thread's owner, not to us.
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -44,6 +44,7 @@ __all__ = [
     "CONTENT_TYPE",
     "DURATION_BUCKETS",
     "DeadLetterKind",
+    "EVENT_STREAMS_OPEN",
     "LLM_REQUEST_DURATION",
     "LLM_TOKENS",
     "RetryKind",
@@ -141,6 +142,7 @@ DEAD_LETTERS = Counter(
     ["role", "reason"],
 )
 JOBS_IN_PROGRESS = Gauge("umi_jobs_in_progress", "Jobs a worker is running now.", ["role"])
+EVENT_STREAMS_OPEN = Gauge("umi_event_streams_open", "Server-sent event streams (GET /v1/tasks/{id}/events) open now.")
 
 
 def initialize_role_metrics(role: str) -> None:

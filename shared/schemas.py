@@ -285,6 +285,18 @@ class StepPublic(StepBase):
     #: Shown as ``latency_ms``.
     latency_s: float | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_api_names(cls, data: Any) -> Any:
+        """Read back what the API shows (``next``, ``latency_ms``), so a client's parsed step loses nothing."""
+        if not isinstance(data, dict):
+            return data
+        if "next" in data and "next_role" not in data:
+            data = {**data, "next_role": data["next"]}
+        if data.get("latency_s") is None and data.get("latency_ms") is not None:
+            data = {**data, "latency_s": data["latency_ms"] / 1000}
+        return data
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def latency_ms(self) -> float | None:

@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     relay_interval_s: float = Field(default=0.2, gt=0)
     #: How long a publish from the request path may wait for the broker before the outbox takes over.
     publish_timeout_s: float = Field(default=2.0, gt=0)
+    #: How often an open ``GET /v1/tasks/{id}/events`` stream looks for new steps in the database.
+    events_poll_interval_s: float = Field(default=0.25, gt=0)
+    #: Seconds without an event after which the stream sends a keep-alive comment (proxies close idle streams).
+    events_keepalive_s: float = Field(default=15.0, gt=0)
+    #: On shutdown, how long the gateway lets open requests finish before cutting them. Event streams
+    #: never finish by themselves; their clients resume on another replica with ``Last-Event-ID``.
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
 
     @field_validator("tools_allow_hosts", mode="before")
     @classmethod

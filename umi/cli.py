@@ -5,7 +5,7 @@
     umi up [--port 8000]                       everything in one process (no GPU, no broker)
     umi worker planner|caller|summarizer|tools [--concurrency N] [--metrics-port P] [-- celery worker options]
     umi gateway [--host H] [--port P]
-    umi submit "<query>" --tools FILE [--wait]
+    umi submit "<query>" --tools FILE [--wait] [--api-key KEY]
     umi sim serve --data FILE [--data FILE ...] --port P [--role planner]
     umi db upgrade | umi broker declare | umi dlq list
     umi keys create --tenant NAME [--rate-per-s X --burst N --max-in-flight N] | umi keys revoke KEY-OR-ID | umi keys list
@@ -21,22 +21,22 @@ import logging
 import signal
 import sys
 import threading
-import time
+import uuid
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import httpx
 from kombu.utils.url import maybe_sanitize_url
 from pydantic import ValidationError
 
 from evaluation.metrics import PAPER_TABLE1 as PAPER_ROWS
 from services.simulator.__main__ import add_simulator_arguments, config_from_args
 from shared.db import SchemaOutOfDate
-from shared.lifecycle import TERMINAL_STATUSES, TaskStatus
+from shared.lifecycle import TaskStatus
 from shared.roles import StepRole
 from shared.settings import ConfigurationError, get_settings, load_settings
+from umi_client import StepEvent, UmiClient, UmiError, UmiHTTPError
 
 __all__ = ["main"]
 
@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--tools", type=Path, required=True, help="JSON list of compact tool docs (or a record with 'tools')")
     submit.add_argument("--wait", action="store_true", help="print the trajectory as it happens until the task ends")
     submit.add_argument("--gateway", default=None, help="gateway URL (default UMI_GATEWAY_URL)")
+    submit.add_argument("--api-key", default=None, help="API key (default UMI_API_KEY; `umi keys create` prints one)")
     submit.add_argument("--max-steps", type=int, default=None)
     submit.add_argument("--timeout", type=float, default=None, help="task deadline in seconds")
     submit.add_argument("--unconstrained", action="store_true", help="turn constrained decoding off for this task")
@@ -233,7 +234,14 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
     from services.gateway.app import create_app
 
-    uvicorn.run(create_app(get_settings()), host=args.host, port=args.port, log_level=args.loglevel.lower())
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.loglevel.lower(),
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # open event streams never end
+    )
     return 0
 
 
@@ -269,7 +277,8 @@ def _load_tools(path: Path) -> list[Any]:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    gateway = (args.gateway or get_settings().gateway_url).rstrip("/")
+    settings = get_settings()
+    api_key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
     body: dict[str, Any] = {"query": args.query, "tools": _load_tools(args.tools)}
     if args.max_steps is not None:
         body["max_steps"] = args.max_steps
@@ -277,36 +286,38 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         body["timeout_s"] = args.timeout
     if args.unconstrained:
         body["constrained"] = False
-    with httpx.Client(base_url=gateway, timeout=httpx.Timeout(30.0, connect=5.0)) as client:
+    with UmiClient(args.gateway or settings.gateway_url, api_key=api_key) as client:
         try:
-            response = client.post("/v1/tasks", json=body)
-        except httpx.TransportError as exc:
-            raise UsageError(f"cannot reach the gateway at {gateway}: {exc}") from None
-        if response.status_code != 202:
-            raise UsageError(f"the gateway refused the task ({response.status_code}): {response.text}")
-        task_id = response.json()["id"]
-        print(f"task {task_id} queued")
+            accepted = client.submit(body)
+        except ValidationError as exc:
+            raise UsageError(f"the task is not valid: {exc}") from None
+        except UmiHTTPError as exc:
+            raise UsageError(f"the gateway refused the task ({exc.status}): {exc.detail}") from None
+        except UmiError as exc:
+            raise UsageError(f"cannot reach the gateway at {client.config.base_url}: {exc}") from None
+        print(f"task {accepted.id} queued", flush=True)
         if not args.wait:
             return 0
-        return _follow_task(client, task_id)
+        return _follow_task(client, accepted.id)
 
 
-def _follow_task(client: httpx.Client, task_id: str) -> int:
-    printed = 0
-    while True:
-        task = client.get(f"/v1/tasks/{task_id}").json()
-        for step in task["steps"][printed:]:
-            if step["index"] > 0:
-                print(f"[{step['index']}] {step['role']}: {step['output']}", flush=True)
-            printed += 1
-        if task["status"] in TERMINAL_STATUSES:
-            print(f"status: {task['status']}" + (f" ({task['end_reason']})" if task.get("end_reason") else ""))
-            if task.get("answer"):
-                print(f"answer: {task['answer']}")
-            if task.get("error"):
-                print(f"error: {task['error']}")
-            return 0 if task["status"] == TaskStatus.SUCCEEDED else 1
-        time.sleep(0.2)
+def _follow_task(client: UmiClient, task_id: uuid.UUID) -> int:
+    """Print each step as its event arrives, then the outcome; exit code 0 only if the task succeeded."""
+    try:
+        for event in client.events(task_id):
+            if isinstance(event, StepEvent):
+                if event.index > 0:  # step 0 is the query just submitted
+                    print(f"[{event.index}] {event.role}: {event.output}", flush=True)
+            else:
+                task = event
+    except UmiError as exc:
+        raise UsageError(f"lost track of task {task_id}: {exc}") from None
+    print(f"status: {task.status}" + (f" ({task.end_reason})" if task.end_reason else ""))
+    if task.answer:
+        print(f"answer: {task.answer}")
+    if task.error:
+        print(f"error: {task.error}")
+    return 0 if task.status == TaskStatus.SUCCEEDED else 1
 
 
 def _cmd_sim_serve(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 
 from services.gateway.auth import CurrentTenant, too_many_requests
 from services.gateway.errors import install_error_handling
+from services.gateway.events import router as events_router
 from services.gateway.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_cursor, encode_cursor
 from services.gateway.readiness import unready_dependencies
 from services.gateway.responses import AUTHENTICATED, BODY, CONFLICT, NOT_FOUND, UNAVAILABLE
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
     app = FastAPI(title="α-UMi on queues", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes)
     app.state.settings = settings
     install_error_handling(app)
+    app.include_router(events_router)
 
     @app.post(
         "/v1/tasks",
