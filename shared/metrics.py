@@ -9,9 +9,11 @@ which share the process). A scrape of every process, summed, counts each event o
   that took it;
 * a **stored step** (``umi_step_duration_seconds``) by the worker whose transaction
   stored it (:func:`observe_stored_step`, called by :func:`shared.pipeline.store_step`);
+* a **relay publish** (``umi_relay_published_total``) by the process whose relay got the
+  broker's confirm (at least once: a relay that dies before its mark publishes again);
 * a **task end** (``umi_tasks_total`` and the task histograms) by whichever process
-  commits the transaction that ends it — a worker, or the gateway's cancel, sweep or
-  failed enqueue — seen by a SQLAlchemy session hook, so every ``lifecycle.finish``
+  commits the transaction that ends it — a worker, or the gateway's cancel or
+  sweep — seen by a SQLAlchemy session hook, so every ``lifecycle.finish``
   is counted once it is committed and never twice (a task ends once).
 
 The workers run Celery's **threads** pool: one process, no fork, so the plain default
