@@ -397,7 +397,10 @@ class Relay:
         """Relay forever, one round every ``interval_s`` (in a thread: the passes block on the database and broker)."""
         while True:
             await asyncio.sleep(self.interval_s)
-            await asyncio.to_thread(self.relay_once)
+            try:
+                await asyncio.to_thread(self.relay_once)
+            except Exception:  # relay_once contains its passes' outages; this is a bug, and the relay goes on
+                logger.exception("relay round failed")
 
     def _log(self, result: RelayRound) -> None:
         now = time.monotonic()
@@ -429,7 +432,7 @@ def relay_thread(engine: Engine, settings: Settings, *, name: str = "umi.relay")
         while not stop.wait(relay.interval_s):
             try:
                 relay.relay_once()
-            except Exception:  # relay_once contains its passes' errors; this is a bug, not an outage
+            except Exception:  # as in Relay.run
                 logger.exception("relay round failed")
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
