@@ -7,7 +7,8 @@
 * the relay's outbox pass leaves young tasks to their request path, skips rows another
   relay holds, tasks past their deadline, and marks without publishing a task a worker took;
 * end to end: the gateway reaches RabbitMQ through a TCP proxy the test cuts; tasks posted
-  meanwhile are accepted, and complete once the proxy is restored.
+  meanwhile are accepted, and complete once the proxy is restored; a pika consumer of
+  ``umi.events`` then has each task's steps and end, equal to what ``GET`` shows.
 
 Each module gets its own PostgreSQL database, so no other test's tasks meet these relays.
 """
@@ -42,6 +43,7 @@ from shared.tasks import publish_first_job
 from tests.conftest import TRAIN_FILES, fresh_postgres_database, load_trajectories, single_chain_indices
 from tests.pipeline_helpers import CollectingDispatcher
 from tests.tcp_proxy import TcpProxy
+from tests.test_relay import EventConsumer, until
 from umi.deployment import Deployment
 
 TOOL = {"Name": "get_weather_for_weather", "function": "Weather by city.", "input": {"city": "string, "}}
@@ -178,6 +180,7 @@ def test_tasks_posted_while_the_broker_is_cut_off_are_accepted_and_complete_when
         )
         system.gateway = ServerThread(create_app(proxied)).start()
         system.http = httpx.Client(base_url=system.gateway.url, timeout=30)
+        events = EventConsumer(system.settings, "task.#")  # straight to RabbitMQ, as another backend
         try:
             system.start_all_workers()
             published = _sample("umi_relay_published_total", kind="outbox")
@@ -205,5 +208,13 @@ def test_tasks_posted_while_the_broker_is_cut_off_are_accepted_and_complete_when
                 assert sorted(str(step.task_id) for step in planner_firsts) == sorted(task_ids)
                 assert all(step.role == StepRole.PLANNER for step in planner_firsts)
                 assert all(t.enqueued_at is not None for t in session.exec(select(Task)).all())
+            # The gateway's relay published each task's steps, then its end, as GET shows them.
+            for task, task_id in zip(finished, task_ids, strict=True):
+                until(lambda: any(p.message_id == f"{task_id}:end" for _, p, _ in events.drain()), "the end event arrived")
+                mine = [(key, body) for key, _, body in events.messages if key.startswith(f"task.{task_id}.")]
+                assert mine == [(f"task.{task_id}.step", {**step, "task_id": task_id}) for step in task["steps"]] + [
+                    (f"task.{task_id}.end", task)
+                ]
         finally:
+            events.close()
             system.close()

@@ -14,6 +14,7 @@ Each test module gets its own database, so no other test's rows meet these relay
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -293,7 +294,10 @@ def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_the_relay_keeps_running_through_a_database_outage_and_a_broker_outage(database_url: str, rabbitmq_url: str) -> None:
+def test_the_relay_keeps_running_through_a_database_outage_and_a_broker_outage(
+    database_url: str, rabbitmq_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="shared.relay")
     host, port = "127.0.0.1", int(rabbitmq_url.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
     pg_port = int(database_url.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
     with TcpProxy(host, port) as broker, TcpProxy(host, pg_port) as database:
@@ -325,3 +329,6 @@ def test_the_relay_keeps_running_through_a_database_outage_and_a_broker_outage(d
             proxied.dispose()
         ids = [properties.message_id for _, properties, _ in consumer.messages]
         assert {f"{task_id}:{i}" for i in range(4)} <= set(ids)
+    logged = [record.getMessage() for record in caplog.records if record.name == "shared.relay"]
+    assert sum("the step pass failed" in line for line in logged) == 2, "each outage logged once, not every round"
+    assert sum(line.startswith("relay: recovered") for line in logged) == 2
