@@ -32,7 +32,7 @@ from services.gateway.app import create_app
 from shared import crud
 from shared.celery_app import create_celery_app
 from shared.db import get_engine, session_scope
-from shared.models import Step, Task
+from shared.models import DEFAULT_TENANT_ID, Step, Task
 from shared.relay import (
     EVENT_VERSION_HEADER,
     TENANT_HEADER,
@@ -44,6 +44,7 @@ from shared.relay import (
 )
 from shared.schemas import TaskCreate, TaskOrigin
 from shared.settings import Settings, load_settings
+from shared.tenants import get_or_create_tenant
 from shared.topology import Topology
 from tests.conftest import fresh_postgres_database
 from tests.pipeline_helpers import CollectingDispatcher
@@ -160,8 +161,7 @@ def test_each_stored_step_then_the_end_is_published_once_as_the_api_shows_it(set
     for (_, properties, body), message_id in zip(messages, [f"{task_id}:{i}" for i in range(4)] + [f"{task_id}:end"], strict=True):
         assert properties.message_id == message_id
         assert properties.content_type == "application/json" and properties.delivery_mode == 2
-        assert properties.headers == {EVENT_VERSION_HEADER: 1, TENANT_HEADER: shown["tenant_id"] if "tenant_id" in shown else properties.headers[TENANT_HEADER]}
-    assert messages[0][1].headers[TENANT_HEADER] == "00000000-0000-0000-0000-000000000001"  # the default tenant
+        assert properties.headers == {EVENT_VERSION_HEADER: 1, TENANT_HEADER: str(DEFAULT_TENANT_ID)}  # the task's tenant
     task, rows = stored(engine, task_id)
     assert task.end_published_at is not None and all(row.published_at is not None for row in rows)
 
@@ -171,16 +171,20 @@ def test_an_amqp_task_gets_its_final_state_on_its_reply_queue_with_its_correlati
     reply_queue = consumer.channel.queue_declare("", exclusive=True).method.queue
     try:
         engine = get_engine(settings.database_url)
-        task_id = ended_task(engine, origin=TaskOrigin(reply_to=reply_queue, correlation_id="order-17"))
+        with session_scope(engine) as session:
+            tenant_id = get_or_create_tenant(session=session, name=f"acme-{uuid.uuid4().hex[:6]}").id
+        origin = TaskOrigin(tenant_id=tenant_id, reply_to=reply_queue, correlation_id="order-17")
+        task_id = ended_task(engine, origin=origin)
         relay_until_idle(engine, publisher)
         replies = consumer.drain(reply_queue)
     finally:
         consumer.close()
-    with TestClient(create_app(settings, dispatcher=CollectingDispatcher())) as client:
-        shown = client.get(f"/v1/tasks/{task_id}").json()
+    task, steps = stored(engine, task_id)  # another tenant's task: GET as the default tenant would be a 404
+    shown = json.loads(crud.task_public(task=task, steps=steps).model_dump_json(by_alias=True))
     assert len(replies) == 1
     _, properties, body = replies[0]
     assert properties.correlation_id == "order-17" and body == shown
+    assert properties.message_id == f"{task_id}:end" and properties.headers[TENANT_HEADER] == str(tenant_id)
 
 
 class Killed(BaseException):
