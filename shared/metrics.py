@@ -9,9 +9,11 @@ which share the process). A scrape of every process, summed, counts each event o
   that took it;
 * a **stored step** (``umi_step_duration_seconds``) by the worker whose transaction
   stored it (:func:`observe_stored_step`, called by :func:`shared.pipeline.store_step`);
+* a **relay publish** (``umi_relay_published_total``) by the process whose relay got the
+  broker's confirm (at least once: a relay that dies before its mark publishes again);
 * a **task end** (``umi_tasks_total`` and the task histograms) by whichever process
-  commits the transaction that ends it — a worker, or the gateway's cancel, sweep or
-  failed enqueue — seen by a SQLAlchemy session hook, so every ``lifecycle.finish``
+  commits the transaction that ends it — a worker, or the gateway's cancel or
+  sweep — seen by a SQLAlchemy session hook, so every ``lifecycle.finish``
   is counted once it is committed and never twice (a task ends once).
 
 The workers run Celery's **threads** pool: one process, no fork, so the plain default
@@ -58,6 +60,12 @@ __all__ = [
     "observe_tool_call",
     "initialize_role_metrics",
     "serve_metrics",
+    "RelayKind",
+    "initialize_relay_metrics",
+    "observe_outbox_deferred",
+    "observe_relay_error",
+    "observe_relay_published",
+    "set_relay_backlog",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,6 +153,32 @@ JOBS_IN_PROGRESS = Gauge("umi_jobs_in_progress", "Jobs a worker is running now."
 EVENT_STREAMS_OPEN = Gauge("umi_event_streams_open", "Server-sent event streams (GET /v1/tasks/{id}/events) open now.")
 
 
+class RelayKind(StrEnum):
+    """What the relay published (the ``kind`` of ``umi_relay_published_total``) or where it failed."""
+
+    #: A task's first planner job, left to the outbox by its request path.
+    OUTBOX = "outbox"
+    #: A stored step on ``umi.events`` (``task.<id>.step``).
+    STEP = "step"
+    #: A task's final state on ``umi.events`` (``task.<id>.end``).
+    END = "end"
+    #: A task's final state to its AMQP ``reply_to``.
+    REPLY = "reply"
+
+
+RELAY_PUBLISHED = Counter(
+    "umi_relay_published_total", "Messages the relay published, broker-confirmed, by kind (outbox, step, end, reply).", ["kind"]
+)
+RELAY_ERRORS = Counter(
+    "umi_relay_errors_total", "Relay passes that failed (broker or database away), by kind of work (outbox, step, end).", ["kind"]
+)
+OUTBOX_DEFERRED = Counter(
+    "umi_outbox_deferred_total", "Tasks accepted whose first job the request path could not publish (the relay publishes it)."
+)
+OUTBOX_BACKLOG = Gauge("umi_outbox_backlog", "Active tasks whose first job the broker has not confirmed yet (database-wide).")
+RELAY_LAG = Gauge("umi_relay_lag_seconds", "Age of the oldest stored step whose event is not published yet (0: none; database-wide).")
+
+
 def initialize_role_metrics(role: str) -> None:
     """Create ``role``'s labelled series at zero before its worker consumes.
 
@@ -167,6 +201,36 @@ def initialize_role_metrics(role: str) -> None:
             LLM_TOKENS.labels(role=role, kind=kind)
     for status in TERMINAL_STATUSES:
         TASKS.labels(status=status.value)
+
+
+def initialize_relay_metrics() -> None:
+    """Create the relay's labelled series at zero (a process that runs a relay calls it at start)."""
+    for kind in RelayKind:
+        RELAY_PUBLISHED.labels(kind=kind.value)
+        if kind is not RelayKind.REPLY:  # replies are published in the end pass
+            RELAY_ERRORS.labels(kind=kind.value)
+
+
+def observe_relay_published(kind: RelayKind, count: int = 1) -> None:
+    """Add ``count`` broker-confirmed relay publishes of ``kind``."""
+    if count > 0:
+        RELAY_PUBLISHED.labels(kind=kind.value).inc(count)
+
+
+def observe_relay_error(kind: RelayKind) -> None:
+    """Count one failed relay pass of ``kind``."""
+    RELAY_ERRORS.labels(kind=kind.value).inc()
+
+
+def observe_outbox_deferred() -> None:
+    """Count one accepted task whose first job was left to the relay."""
+    OUTBOX_DEFERRED.inc()
+
+
+def set_relay_backlog(*, outbox: int, lag_s: float) -> None:
+    """Set the outbox backlog and the step-event lag the relay measured this round."""
+    OUTBOX_BACKLOG.set(outbox)
+    RELAY_LAG.set(max(0.0, lag_s))
 
 
 def observe_queue_wait(role: str, published_at: Any) -> None:

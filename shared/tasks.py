@@ -1,33 +1,38 @@
-"""Accepting a task: store it, then hand its first step to the planner queue.
+"""Accepting a task: store it, then hand its first step to the planner queue (an outbox).
 
-The gateway and the evaluation runner both submit tasks through :func:`submit_task`.
+The gateway, the ingress worker and the evaluation runner submit tasks through
+:func:`submit_task`. The task row is committed first with ``enqueued_at`` NULL; the
+first planner job is then published with one bounded attempt under the task's row
+lock, and ``enqueued_at`` set. When the broker is away the task stays accepted and
+``queued``: the relay (``shared/relay.py``) publishes its job once the broker is back
+(docs/architecture.md, "Outbox and events").
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
 
-from shared import crud, lifecycle
+from shared import crud
 from shared.context_window import prompt_budget
 from shared.db import session_scope
 from shared.dispatch import Dispatcher
-from shared.lifecycle import Actor, EndReason
-from shared.models import Task
+from shared.lifecycle import TaskStatus
+from shared.metrics import observe_outbox_deferred
+from shared.models import Step, Task, utcnow
 from shared.roles import StepRole
 from shared.schemas import StepJob, TaskCreate, TaskOrigin
 from shared.settings import Settings
 
-__all__ = ["EnqueueError", "IdempotencyKeyReused", "request_fingerprint", "submit_task"]
+__all__ = ["IdempotencyKeyReused", "first_jobs", "publish_first_job", "request_fingerprint", "submit_task"]
 
 logger = logging.getLogger(__name__)
-
-
-class EnqueueError(RuntimeError):
-    """The broker did not take the task's first job; the task is stored as failed."""
 
 
 class IdempotencyKeyReused(ValueError):
@@ -59,9 +64,9 @@ def submit_task(
     key with a different request raises :class:`IdempotencyKeyReused`.
 
     Raises :class:`~shared.context_window.PromptDoesNotFit` (nothing stored) when the
-    task's ``max_new_tokens`` leaves no room for a prompt in the context window, and
-    :class:`EnqueueError` (after marking the task failed) when the publish fails, so no
-    stored task waits for a message that was never sent.
+    task's ``max_new_tokens`` leaves no room for a prompt in the context window. A
+    broker that refuses or does not answer in time raises nothing: the task is
+    returned accepted (``queued``) and the relay publishes its first job later.
     """
     prompt_budget(settings.context_length, task_in.max_new_tokens or settings.max_new_tokens)
     origin = origin or TaskOrigin()
@@ -86,14 +91,38 @@ def submit_task(
         if existing is None:
             raise
         return existing
-    first = StepJob(task_id=task.id, step_index=len(task_in.history) + 1, role=StepRole.PLANNER)
-    try:
-        dispatcher.dispatch(first)
-    except Exception as exc:
-        logger.exception("task %s: could not enqueue", task.id)
-        with session_scope(engine) as session:
-            stored = crud.get_task(session=session, task_id=task.id, for_update=True)
-            if stored is not None and not lifecycle.is_terminal(stored.status):
-                lifecycle.finish(stored, reason=EndReason.ENQUEUE_ERROR, by=Actor.SUBMITTER, error=f"could not enqueue: {exc}")
-        raise EnqueueError(f"the broker did not accept the task: {exc}") from exc
+    publish_first_job(engine, dispatcher, task.id)
     return task
+
+
+def first_jobs(session: Session, tasks: list[Task]) -> dict[uuid.UUID, StepJob]:
+    """The first planner job of each task: the step after its stored query and given history."""
+    if not tasks:
+        return {}
+    last = session.exec(
+        select(Step.task_id, func.max(Step.index)).where(col(Step.task_id).in_([task.id for task in tasks])).group_by(col(Step.task_id))
+    ).all()
+    return {task_id: StepJob(task_id=task_id, step_index=index + 1, role=StepRole.PLANNER) for task_id, index in last}
+
+
+def publish_first_job(engine: Engine, dispatcher: Dispatcher, task_id: uuid.UUID) -> bool:
+    """Publish a stored task's first planner job now and mark it enqueued; whether it was.
+
+    Holds the task's row lock while publishing (``SKIP LOCKED``: a relay holding it is
+    publishing it, so this returns at once). A failed or slow publish is logged and left to
+    the relay; a task already enqueued, or no longer queued, is not published again.
+    """
+    try:
+        with session_scope(engine) as session:
+            task = session.exec(
+                select(Task).where(Task.id == task_id, col(Task.enqueued_at).is_(None)).with_for_update(skip_locked=True)
+            ).first()
+            if task is None or task.status != TaskStatus.QUEUED:
+                return False
+            dispatcher.dispatch(first_jobs(session, [task])[task.id])
+            task.enqueued_at = utcnow()
+    except Exception as exc:
+        observe_outbox_deferred()
+        logger.warning("task %s: the broker did not take its first job now (%r); the relay will publish it", task_id, exc)
+        return False
+    return True

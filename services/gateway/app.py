@@ -4,9 +4,11 @@ Every ``/v1/`` route is a tenant's (``services/gateway/auth.py``): another tenan
 ``404``. Routes, limits, idempotency and errors are described in ``docs/api.md``.
 
 The task row (and its step 0, the query) is committed before the ``202`` is
-sent; then the first planner job is published with a broker confirm. If that
-publish fails the task is marked failed and the client gets a ``503``, so no
-accepted task waits forever for a message that was never sent. A background
+sent; then the first planner job is published with a broker confirm, one attempt
+bounded by ``UMI_PUBLISH_TIMEOUT_S``. If the broker is away the client still gets
+its ``202``: the relay running in this process (``shared/relay.py``) publishes the
+job when the broker is back, and publishes every step and task end on ``umi.events``
+(docs/architecture.md, "Outbox and events"). A background
 sweep ends tasks that are past their deadline and whose next job will never
 come (e.g. a message the broker dead-lettered after repeated worker crashes);
 one replica per deployment runs it (``services/gateway/sweep.py``).
@@ -32,15 +34,15 @@ from services.gateway.readiness import unready_dependencies
 from services.gateway.responses import AUTHENTICATED, BODY, CONFLICT, NOT_FOUND, UNAVAILABLE
 from services.gateway.sweep import DeadlineSweeper
 from shared import admission, crud
-from shared.celery_app import create_celery_app
 from shared.context_window import PromptDoesNotFit
 from shared.db import ensure_schema_current, get_engine, session_scope
-from shared.dispatch import CeleryDispatcher, Dispatcher
+from shared.dispatch import Dispatcher, request_path_dispatcher
 from shared.lifecycle import TaskStatus
 from shared.metrics import CONTENT_TYPE, exposition
+from shared.relay import Relay
 from shared.schemas import TaskAccepted, TaskCreate, TaskOrigin, TaskPage, TaskPublic, TaskSummary
 from shared.settings import Settings, get_settings
-from shared.tasks import EnqueueError, IdempotencyKeyReused
+from shared.tasks import IdempotencyKeyReused
 from shared.topology import Topology
 
 __all__ = ["IDEMPOTENCY_KEY_PATTERN", "create_app"]
@@ -79,18 +81,23 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         if not settings.auth:
             logger.warning("UMI_AUTH=off: no API keys are checked; every task belongs to the default tenant")
         app.state.engine = get_engine(settings.database_url)
+        app.state.sweeper = DeadlineSweeper(app.state.engine, interval_s=settings.sweep_interval_s)
+        background = [asyncio.create_task(app.state.sweeper.run())]
         if dispatcher is None:
-            celery_app = create_celery_app(settings, name="umi.gateway")
-            with celery_app.connection_for_write() as connection:
+            own = request_path_dispatcher(settings, name="umi.gateway")
+            with own.app.connection_for_write() as connection:
                 Topology(settings).declare(connection)
-            app.state.dispatcher = CeleryDispatcher(celery_app)
+            app.state.dispatcher = own
+            # The relay publishes on the same pooled connections. A test that injects a dispatcher
+            # runs no relay: it drives shared.relay itself (it owns where jobs go).
+            app.state.relay = Relay(app.state.engine, settings, dispatcher=own, connections=own.app.pool)
+            background.append(asyncio.create_task(app.state.relay.run()))
         else:
             app.state.dispatcher = dispatcher
-        app.state.sweeper = DeadlineSweeper(app.state.engine, interval_s=settings.sweep_interval_s)
-        sweeping = asyncio.create_task(app.state.sweeper.run())
         yield
-        sweeping.cancel()
-        await asyncio.gather(sweeping, return_exceptions=True)
+        for running in background:
+            running.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await asyncio.to_thread(app.state.sweeper.close)
 
     # FastAPI's limiter counts the body as it streams in (Content-Length or chunked) and stops at the limit.
@@ -103,7 +110,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         "/v1/tasks",
         status_code=status.HTTP_202_ACCEPTED,
         response_model=TaskAccepted,
-        responses={**REPLAYED, **AUTHENTICATED, **BODY, **CONFLICT, **UNAVAILABLE},
+        responses={**REPLAYED, **AUTHENTICATED, **BODY, **CONFLICT},
     )
     def create_task(
         task_in: TaskCreate,
@@ -137,8 +144,6 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         except admission.OverLimit as exc:
             raise too_many_requests(exc.refusal) from exc
-        except EnqueueError as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
         if admitted.replayed:
             response.headers["Idempotent-Replayed"] = "true"
         return TaskAccepted(id=admitted.task.id, status=admitted.task.status)
@@ -181,7 +186,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        """Prometheus metrics of this process: the tasks it ended (cancels, sweep, failed enqueues), and under
+        """Prometheus metrics of this process: the tasks it ended (cancels, sweep), its relay's publishes, and under
         ``umi up`` the embedded workers' too."""
         return Response(exposition(), media_type=CONTENT_TYPE)
 

@@ -12,6 +12,8 @@
   ``422 json_invalid`` like malformed JSON, instead of FastAPI's ``400``.
 * ``413`` (body over ``UMI_MAX_BODY_BYTES``, raised by FastAPI's ``max_body_size`` limiter while
   it streams the body) says the limit.
+* the database unreachable (a connection refused, dropped or timed out): ``503`` with
+  ``Retry-After``, so clients and the Python client retry instead of treating it as a bug.
 * anything unexpected: logged with its traceback, answered ``500 {"detail": "internal error"}``
   with nothing of the request or the error in it.
 """
@@ -24,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.schemas import bounded_text, safe_validation_errors
@@ -37,6 +40,8 @@ def install_error_handling(app: FastAPI) -> None:
     """Install the gateway's exception handlers on ``app`` (see the module docstring)."""
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(OperationalError, _database_unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(InterfaceError, _database_unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
 
 
@@ -81,6 +86,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     elif not isinstance(detail, str):
         detail = safe_validation_errors(detail) if isinstance(detail, list) else bounded_text(detail)
     return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _database_unavailable(request: Request, exc: OperationalError | InterfaceError) -> JSONResponse:
+    # The driver's message may name hosts; the log keeps it, the client gets the kind only.
+    logger.warning("database unavailable answering %s %s: %s", request.method, request.url.path, exc.orig or exc)
+    return JSONResponse(
+        {"detail": "the database is unavailable; retry later"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

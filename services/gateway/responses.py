@@ -23,10 +23,12 @@ def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorMessage, "description": description}
 
 
-#: Routes that need a tenant: no valid key, or over the tenant's limits.
+#: Routes that need a tenant (every one reads the database): no valid key, over the tenant's limits,
+#: or the database unreachable.
 AUTHENTICATED: dict[int | str, dict[str, Any]] = {
     401: _error("No valid API key (`Authorization: Bearer <key>`)."),
     429: _error("Over the tenant's request rate or tasks in flight; retry after `Retry-After` seconds."),
+    503: _error("The database is unreachable; retry after `Retry-After` seconds."),
 }
 #: Routes that read a task by id: unknown, or another tenant's.
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _error("No such task for this tenant.")}
