@@ -232,6 +232,11 @@ def test_the_schema_is_the_models(tmp_path: Path) -> None:
     assert envelope_json_schema()["required"] == ["schema_version", "task"]
 
 
+def test_umi_worker_ingress_refuses_celery_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["worker", "ingress", "--concurrency", "8"]) == 2
+    assert "takes no --concurrency or Celery options" in capsys.readouterr().err
+
+
 # --- the handler, called directly --------------------------------------------------------
 
 

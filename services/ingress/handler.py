@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from sqlalchemy.exc import DataError
+from sqlmodel import Session
 
 from shared import admission, crud, tenants
 from shared.context_window import PromptDoesNotFit
@@ -150,7 +151,13 @@ def handle_ingress_message(body: bytes, properties: IngressProperties, runtime: 
             DeadLetterKind.MALFORMED, "too_large",
             f"the body has {len(body)} bytes; at most {settings.max_body_bytes} (UMI_MAX_BODY_BYTES) are accepted",
         )
-    refusal = _check_properties(properties)
+    message_id = properties.message_id
+    if message_id is None:
+        return _refused(
+            DeadLetterKind.MALFORMED, "invalid_message_id",
+            "the message_id property is required: it is the task's idempotency key (a redelivered copy is one task)",
+        )
+    refusal = _check_lengths(properties)
     if refusal is not None:
         return refusal
     tenant = _tenant(properties, runtime)
@@ -168,13 +175,13 @@ def handle_ingress_message(body: bytes, properties: IngressProperties, runtime: 
         )
     origin = TaskOrigin(
         tenant_id=tenant.id,
-        idempotency_key=properties.message_id,
+        idempotency_key=message_id,
         request_fingerprint=request_fingerprint(envelope.task),
         reply_to=properties.reply_to,
         correlation_id=properties.reply_correlation_id,
     )
     with session_scope(runtime.engine) as session:
-        known = crud.get_task_by_idempotency_key(session=session, tenant_id=tenant.id, key=origin.idempotency_key or "")
+        known = crud.get_task_by_idempotency_key(session=session, tenant_id=tenant.id, key=message_id)
         limited = None if known is not None else _over_limits(session, tenant, runtime)
     if limited is not None:
         return _refused(
@@ -201,12 +208,8 @@ def handle_ingress_message(body: bytes, properties: IngressProperties, runtime: 
     return Accepted(task_id=task.id, tenant_id=tenant.id, duplicate=known is not None)
 
 
-def _check_properties(properties: IngressProperties) -> Refused | None:
-    if properties.message_id is None:
-        return _refused(
-            DeadLetterKind.MALFORMED, "invalid_message_id",
-            "the message_id property is required: it is the task's idempotency key (a redelivered copy is one task)",
-        )
+def _check_lengths(properties: IngressProperties) -> Refused | None:
+    """AMQP's short strings hold 255 bytes; a transport without that limit may pass longer ones."""
     for name in ("message_id", "correlation_id", "reply_to"):
         value = getattr(properties, name)
         if value is not None and len(value) > MAX_PROPERTY_CHARS:
@@ -230,7 +233,7 @@ def _tenant(properties: IngressProperties, runtime: Runtime) -> Tenant | None:
         return tenant
 
 
-def _over_limits(session: Any, tenant: Tenant, runtime: Runtime) -> admission.Refusal | None:
+def _over_limits(session: Session, tenant: Tenant, runtime: Runtime) -> admission.Refusal | None:
     """Count the request against the tenant's rate, then check its tasks in flight (as the gateway does)."""
     settings = runtime.settings
     return admission.take_request(session=session, tenant=tenant, settings=settings) or admission.check_in_flight(
