@@ -374,6 +374,12 @@ def test_the_consumer_reconnects_after_the_broker_connection_is_cut(rabbitmq_url
                 time.sleep(1)
                 proxy.restore()
                 wait_for(lambda: ingress.task(tenant_id, "during"), timeout_s=40, what="the task published during the cut")
+            # Asked to stop while the broker is away, it stops at once instead of reconnecting forever.
+            proxy.cut()
+            time.sleep(2)  # it is reconnecting now
+            started = time.monotonic()
+            stop()
+            assert time.monotonic() - started < 5
         finally:
             stop()
 

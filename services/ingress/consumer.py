@@ -23,10 +23,11 @@ Each message is decided by :func:`~services.ingress.handler.handle_ingress_messa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import stamina
@@ -58,6 +59,12 @@ logger = logging.getLogger(__name__)
 #: Messages the broker hands the consumer ahead of its acks. It decides one at a time; a few
 #: in hand hide the round trip to the broker, and the rest stay for other ingress replicas.
 INGRESS_PREFETCH = 4
+#: AMQP heartbeat (seconds), so a silently dropped connection is noticed. The broker closes a
+#: connection silent for two of them (120 s): longer than the default in-place retry budget
+#: (``UMI_INFRA_RETRY_S``, 60 s), during which the consumer sends nothing.
+HEARTBEAT_S = 60
+#: Reconnecting after a broker outage: attempts at most this far apart.
+RECONNECT_MAX_INTERVAL_S = 5.0
 #: What the dead-lettered copy carries instead of the API key.
 MASKED = "[masked]"
 #: The AMQP properties a dead letter keeps from the refused message.
@@ -66,7 +73,11 @@ KEPT_PROPERTIES = ("message_id", "correlation_id", "reply_to", "timestamp", "typ
 
 def broker_connection(settings: Settings) -> Connection:
     """A connection to the deployment's broker whose publishes wait for the broker's confirm."""
-    return Connection(settings.broker_url, transport_options={"confirm_publish": True})
+    return Connection(settings.broker_url, heartbeat=HEARTBEAT_S, transport_options={"confirm_publish": True})
+
+
+class ConsumerStopped(Exception):
+    """Raised out of a reconnect loop once the consumer was asked to stop."""
 
 
 class IngressConsumer(ConsumerProducerMixin):
@@ -85,6 +96,27 @@ class IngressConsumer(ConsumerProducerMixin):
         return [
             consumer_class(queues=[self.topology.ingress_queue()], on_message=self.on_message, prefetch_count=INGRESS_PREFETCH)
         ]
+
+    @contextlib.contextmanager
+    def establish_connection(self) -> Iterator[Connection]:
+        """The mixin's, with a stop request honoured while the broker is away (it checks each second)."""
+        with self.create_connection() as connection:
+            connection.ensure_connection(
+                self.on_connection_error, self.connect_max_retries,
+                interval_max=RECONNECT_MAX_INTERVAL_S, callback=self._raise_if_stopping,
+            )
+            yield connection
+
+    def _raise_if_stopping(self) -> None:
+        if self.should_stop:
+            raise ConsumerStopped()
+
+    def consume_until_stopped(self) -> None:
+        """Consume (reconnecting as needed) until :attr:`should_stop` is set."""
+        try:
+            self.run()
+        except ConsumerStopped:
+            pass
 
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: list[Consumer], **kwargs: Any) -> None:
         self.topology.declare(connection)  # after a broker restart, too
@@ -186,7 +218,7 @@ def run_ingress(settings: Settings) -> int:
         signal.signal(sig, stop)
     logger.info("ingress: consuming %s", consumer.topology.ingress_queue_name)
     try:
-        consumer.run()
+        consumer.consume_until_stopped()
     finally:
         consumer.runtime.close()
     return 0
@@ -195,7 +227,7 @@ def run_ingress(settings: Settings) -> int:
 def start_ingress_thread(settings: Settings) -> Callable[[], None]:
     """Run the ingress inside this process (``umi up``); returns a function that stops it."""
     consumer = prepare_ingress(settings)
-    thread = threading.Thread(target=consumer.run, name="ingress", daemon=True)
+    thread = threading.Thread(target=consumer.consume_until_stopped, name="ingress", daemon=True)
     thread.start()
     consumer.ready.wait(30)
 
