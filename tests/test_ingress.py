@@ -416,13 +416,16 @@ class Case:
     key: str = "live"
     #: A field that the error's ``detail`` must name (its ``loc``).
     loc: tuple[object, ...] | None = None
+    #: Words the error's message must contain.
+    says: str | None = None
 
 
 def _cases() -> list[Case]:
     task = envelope()["task"]
     return [
         Case("not json", b"{this is not json", ("invalid_envelope",)),
-        Case("not utf-8", b"\xff\xfe{}", ("invalid_envelope",)),
+        Case("not utf-8", b"\xff\xfe{}", ("invalid_envelope",), says="not UTF-8"),
+        Case("encoded surrogate", b'{"schema_version": 1, "task": {"query": "\xed\xa0\x80"}}', ("invalid_envelope",), says="not UTF-8"),
         Case("not an object", b"[1, 2, 3]", ("invalid_envelope",)),
         Case("wrong version", encoded({"schema_version": 2, "task": task}), ("invalid_envelope",), loc=("schema_version",)),
         Case("no version", encoded({"task": task}), ("invalid_envelope",), loc=("schema_version",)),
@@ -435,10 +438,10 @@ def _cases() -> list[Case]:
         # Refused by the task's validators, or else by the database (never stored, never a loop).
         Case("infinity in a tool input", encoded(envelope(tools=[{**TOOLS[0], "input": {"n": float("inf")}}])),
              ("invalid_envelope", "invalid_task")),
-        Case("2 MB", encoded(envelope("x" * 2_000_000)), ("too_large",)),
-        Case("no message_id", encoded(envelope()), ("invalid_message_id",), message_id=None),
+        Case("2 MB", encoded(envelope("x" * 2_000_000)), ("too_large",), says="UMI_MAX_BODY_BYTES"),
+        Case("no message_id", encoded(envelope()), ("invalid_message_id",), message_id=None, says="message_id property"),
         # (A message_id over 255 characters cannot be sent: AMQP's shortstr holds 255 bytes; see the handler's test.)
-        Case("no key", encoded(envelope()), ("unauthenticated",), key="none"),
+        Case("no key", encoded(envelope()), ("unauthenticated",), key="none", says="x-api-key"),
         Case("unknown key", encoded(envelope()), ("unauthenticated",), key="umi_not-a-key"),
         Case("revoked key", encoded(envelope()), ("unauthenticated",), key="revoked"),
     ]
@@ -478,6 +481,8 @@ def test_umi_worker_ingress_dead_letters_and_answers_every_malformed_message_and
                 error = reply["error"]
                 assert error["type"] in case.expected_type, (case.name, error)
                 assert error["message"], case.name
+                if case.says is not None:
+                    assert case.says in error["message"], (case.name, error)
                 if case.loc is not None:
                     assert [list(case.loc)] == [item["loc"] for item in error["detail"] if tuple(item["loc"]) == case.loc], (case.name, error)
             found: list[tuple[pika.BasicProperties, bytes]] = []
@@ -499,7 +504,7 @@ def test_umi_worker_ingress_dead_letters_and_answers_every_malformed_message_and
                     assert props.headers["x-api-key"] == MASKED, case.name  # never stored
             assert process.poll() is None and process.pid == pid  # the consumer is still the same process
             counted = _metrics(metrics_port)
-            for kind, count in {"malformed": 2, "invalid_envelope": 12, "unauthenticated": 3}.items():
+            for kind, count in {"malformed": 2, "invalid_envelope": 13, "unauthenticated": 3}.items():
                 assert counted[("umi_dead_letters_total", (("reason", kind), ("role", "ingress")))] == count, kind
             # A valid message afterwards is accepted.
             ingress.publish(encoded(envelope()), message_id="after", api_key=live)

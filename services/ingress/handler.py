@@ -166,7 +166,11 @@ def handle_ingress_message(body: bytes, properties: IngressProperties, runtime: 
             DeadLetterKind.UNAUTHENTICATED, "unauthenticated", f"a live API key is required in the header {API_KEY_HEADER!r}"
         )
     try:
-        envelope = IngressEnvelope.model_validate_json(body)
+        text = body.decode("utf-8")  # strict: an encoded surrogate is refused too
+    except UnicodeDecodeError as exc:
+        return _refused(DeadLetterKind.INVALID_ENVELOPE, "invalid_envelope", f"the body is not UTF-8: {exc}")
+    try:
+        envelope = IngressEnvelope.model_validate_json(text)
     except ValidationError as exc:
         return _refused(
             DeadLetterKind.INVALID_ENVELOPE, "invalid_envelope",
