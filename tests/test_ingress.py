@@ -62,7 +62,7 @@ def wait_for(probe: Callable[[], T | None], *, timeout_s: float = 15, what: str 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = probe()
-        if value is not None and value is not False:
+        if value:  # a found row, a non-empty list, True
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
