@@ -265,9 +265,14 @@ def test_the_handler_accepts_once_per_key_and_names_what_it_refuses(postgres_url
     )
     not_text = ingress_properties({"message_id": unique("m")}, {"x-api-key": 12345})
     assert not_text.api_key is None
-    long_id = IngressProperties(message_id="m" * 256, api_key=properties.api_key)
+    long_id = IngressProperties(message_id="m" * 256, reply_to="replies", correlation_id="c", api_key=properties.api_key)
     refused = handle_ingress_message(body, long_id, runtime)
     assert isinstance(refused, Refused) and refused.error.error.type == "invalid_message_id" and "256" in refused.reason
+    assert (refused.reply_to, refused.correlation_id) == ("replies", "c")  # answered there
+    # Replies never go to the system's own queues (a role queue would take them as jobs).
+    own_queue = properties.model_copy(update={"message_id": unique("m"), "reply_to": "umi.planner"})
+    refused = handle_ingress_message(body, own_queue, runtime)
+    assert isinstance(refused, Refused) and refused.error.error.type == "invalid_reply_to" and refused.reply_to is None
     too_many_tokens = handle_ingress_message(encoded(envelope(max_new_tokens=4096)), properties.model_copy(update={"message_id": unique("m")}), runtime)
     assert isinstance(too_many_tokens, Refused)
     assert too_many_tokens.error.error.detail and too_many_tokens.error.error.detail[0]["loc"] == ["task", "max_new_tokens"]

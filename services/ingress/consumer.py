@@ -14,7 +14,7 @@ Each message is decided by :func:`~services.ingress.handler.handle_ingress_messa
 * accepted → acked (only now: the task is committed; at least once);
 * refused → republished whole to ``umi.dead_letter`` (body, properties, headers, the
   ``x-api-key`` header masked) with the reason in ``x-umi-dead-letter-reason``, answered
-  on ``reply_to`` (if given) with the :class:`~shared.schemas.ErrorBody` and the message's
+  on ``reply_to`` (if given, and not one of umi's own queues) with the :class:`~shared.schemas.ErrorBody` and the message's
   ``correlation_id``, counted in ``umi_dead_letters_total{role="ingress"}``, then acked;
 * the database or broker unreachable → retried in place for ``UMI_INFRA_RETRY_S``, then
   given back to the queue (its delivery limit bounds the loop);
@@ -172,15 +172,14 @@ class IngressConsumer(ConsumerProducerMixin):
         )
         observe_dead_letter("ingress", outcome.kind)
         logger.warning("ingress: dead-lettered a message: %s", outcome.reason)
-        properties = ingress_properties(message.properties, None)
-        if properties.reply_to is not None:
+        if outcome.reply_to is not None:
             Producer(connection).publish(
                 outcome.error.model_dump_json(exclude_none=True).encode(),
                 exchange="",
-                routing_key=properties.reply_to,
+                routing_key=outcome.reply_to,
                 content_type="application/json",
                 content_encoding="utf-8",
-                correlation_id=properties.reply_correlation_id,
+                correlation_id=outcome.correlation_id,
                 headers={"x-umi-outcome": "refused"},
                 delivery_mode=2,
                 retry=True,

@@ -7,7 +7,8 @@ error on ``reply_to``, then ack it). The checks, in order, each naming what is w
 
 1. the body is at most ``UMI_MAX_BODY_BYTES`` (``too_large``);
 2. the ``message_id`` property, the idempotency key, is present and at most 255
-   characters (``invalid_message_id``);
+   characters (``invalid_message_id``); ``reply_to``, if given, is not one of the system's
+   own queues (``invalid_reply_to``: such a message is not answered, only dead-lettered);
 3. with ``UMI_AUTH`` on, the header ``x-api-key`` is a live key (``unauthenticated``);
 4. the body is a UTF-8 JSON :class:`~shared.schemas.IngressEnvelope` (``invalid_envelope``,
    the pydantic errors in ``detail``, each with its ``loc``);
@@ -40,6 +41,7 @@ from shared.metrics import DeadLetterKind
 from shared.models import Tenant
 from shared.pipeline import Runtime
 from shared.schemas import ErrorBody, ErrorDetail, IngressEnvelope, TaskOrigin
+from shared.settings import Settings
 from shared.tasks import IdempotencyKeyReused, request_fingerprint, submit_task
 
 __all__ = [
@@ -118,6 +120,9 @@ class Refused(BaseModel):
     #: ``umi_dead_letters_total{role="ingress", reason=<kind>}``.
     kind: DeadLetterKind
     error: ErrorBody
+    #: Where to answer ``error`` (None: nowhere) and the ``correlation_id`` the answer carries.
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
 
 IngressOutcome = Accepted | Refused
@@ -143,8 +148,29 @@ def handle_ingress_message(body: bytes, properties: IngressProperties, runtime: 
     Commits the task before returning :class:`Accepted`, so the caller may ack the message
     then (at least once: a copy redelivered before the ack finds the task and is accepted
     as a duplicate). Database or broker outages propagate (the message should be retried);
-    bad input never raises, it is :class:`Refused`.
+    bad input never raises, it is :class:`Refused`, with the address to answer it at.
     """
+    outcome = _decide(body, properties, runtime)
+    if isinstance(outcome, Refused) and _answerable(properties, runtime.settings):
+        return outcome.model_copy(update={"reply_to": properties.reply_to, "correlation_id": properties.reply_correlation_id})
+    return outcome
+
+
+def _answerable(properties: IngressProperties, settings: Settings) -> bool:
+    """Whether a reply may go to the message's ``reply_to``: given, and not a refused one."""
+    return properties.reply_to is not None and _reply_to_problem(properties.reply_to, settings) is None
+
+
+def _reply_to_problem(reply_to: str, settings: Settings) -> str | None:
+    if len(reply_to) > MAX_PROPERTY_CHARS:
+        return f"the reply_to property has {len(reply_to)} characters; at most {MAX_PROPERTY_CHARS}"
+    if reply_to == settings.queue_prefix or reply_to.startswith(f"{settings.queue_prefix}."):
+        # Replies (and the final state) would land on umi's own queues, e.g. a role queue.
+        return f"reply_to {reply_to!r} names one of this system's own queues; use a queue of your own"
+    return None
+
+
+def _decide(body: bytes, properties: IngressProperties, runtime: Runtime) -> IngressOutcome:
     settings = runtime.settings
     if len(body) > settings.max_body_bytes:
         return _refused(
@@ -157,7 +183,7 @@ def handle_ingress_message(body: bytes, properties: IngressProperties, runtime: 
             DeadLetterKind.MALFORMED, "invalid_message_id",
             "the message_id property is required: it is the task's idempotency key (a redelivered copy is one task)",
         )
-    refusal = _check_lengths(properties)
+    refusal = _check_properties(properties, settings)
     if refusal is not None:
         return refusal
     tenant = _tenant(properties, runtime)
@@ -212,9 +238,11 @@ def handle_ingress_message(body: bytes, properties: IngressProperties, runtime: 
     return Accepted(task_id=task.id, tenant_id=tenant.id, duplicate=known is not None)
 
 
-def _check_lengths(properties: IngressProperties) -> Refused | None:
-    """AMQP's short strings hold 255 bytes; a transport without that limit may pass longer ones."""
-    for name in ("message_id", "correlation_id", "reply_to"):
+def _check_properties(properties: IngressProperties, settings: Settings) -> Refused | None:
+    """Lengths (AMQP's short strings hold 255 bytes; another transport may pass longer ones), and ``reply_to``."""
+    if properties.reply_to is not None and (problem := _reply_to_problem(properties.reply_to, settings)) is not None:
+        return _refused(DeadLetterKind.MALFORMED, "invalid_reply_to", problem)
+    for name in ("message_id", "correlation_id"):
         value = getattr(properties, name)
         if value is not None and len(value) > MAX_PROPERTY_CHARS:
             return _refused(
