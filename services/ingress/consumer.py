@@ -67,8 +67,9 @@ HEARTBEAT_S = 60
 RECONNECT_MAX_INTERVAL_S = 5.0
 #: What the dead-lettered copy carries instead of the API key.
 MASKED = "[masked]"
-#: The AMQP properties a dead letter keeps from the refused message.
-KEPT_PROPERTIES = ("message_id", "correlation_id", "reply_to", "timestamp", "type", "app_id", "user_id", "priority")
+#: The AMQP properties a dead letter keeps from the refused message. Not ``user_id`` (RabbitMQ refuses a
+#: publish whose user_id is not the publishing connection's user) nor ``expiration`` (the letter would expire).
+KEPT_PROPERTIES = ("message_id", "correlation_id", "reply_to", "timestamp", "type", "app_id", "priority")
 
 
 def broker_connection(settings: Settings) -> Connection:
@@ -149,7 +150,7 @@ class IngressConsumer(ConsumerProducerMixin):
             with attempt:
                 if attempt.num > 1:
                     logger.warning("ingress: database or broker unreachable; attempt %d (retrying for %.0fs)", attempt.num, budget)
-                return handle_ingress_message(message.body or b"", properties, self.runtime)
+                return handle_ingress_message(_body(message), properties, self.runtime)
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
 
     def _refuse(self, message: Message, outcome: Refused) -> None:
@@ -162,7 +163,7 @@ class IngressConsumer(ConsumerProducerMixin):
         publish_dead_letter(
             connection,
             self.topology,
-            body=message.body or b"",
+            body=_body(message),
             reason=outcome.reason,
             source_queue=self.topology.ingress_queue_name,
             content_type=message.content_type,
@@ -184,6 +185,12 @@ class IngressConsumer(ConsumerProducerMixin):
                 delivery_mode=2,
                 retry=True,
             )
+
+
+def _body(message: Message) -> bytes:
+    """The body as sent (kombu's in-process transport may hand it over as text)."""
+    body = message.body or b""
+    return body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
 
 
 def build_runtime(settings: Settings) -> Runtime:
