@@ -389,6 +389,27 @@ def test_the_consumer_reconnects_after_the_broker_connection_is_cut(rabbitmq_url
             stop()
 
 
+def test_a_database_outage_is_waited_out_and_the_message_accepted(rabbitmq_url: str, postgres_url: str) -> None:
+    host, port = postgres_url.split("@", 1)[1].split("/", 1)[0].split(":")
+    with TcpProxy(host, int(port)) as proxy:
+        settings = ingress_settings(rabbitmq_url, postgres_url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}"))
+        stop = start_ingress_thread(settings)
+        try:
+            direct = settings.model_copy(update={"database_url": postgres_url})
+            with connected(direct) as ingress:
+                key, tenant_id = issue_key(ingress.engine, unique("outage"))
+                proxy.cut()
+                ingress.publish(encoded(envelope()), message_id="in-outage", correlation_id="in-outage", api_key=key)
+                time.sleep(1.5)  # retried in place meanwhile, the message unacked
+                assert ingress.task(tenant_id, "in-outage") is None
+                proxy.restore()
+                wait_for(lambda: ingress.task(tenant_id, "in-outage"), what="the task after the outage")
+                assert ingress.dead_letters() == []
+                assert ingress.channel.basic_get(ingress.reply_queue, auto_ack=True)[0] is None  # no error answered
+        finally:
+            stop()
+
+
 def test_umi_up_runs_the_ingress_on_its_in_process_broker(tmp_path: Path) -> None:
     system = EmbeddedSystem.start(environ={}, with_gateway=False, database_url=f"sqlite:///{tmp_path}/umi.db", concurrency=1)
     try:
