@@ -46,11 +46,13 @@ def publish_dead_letter(
     content_type: str | None = None,
     content_encoding: str | None = None,
     headers: dict[str, Any] | None = None,
+    properties: dict[str, Any] | None = None,
 ) -> None:
     """Publish ``body`` to the dead-letter queue with ``reason`` (persistent, confirmed).
 
-    The body, content type and encoding and the ``headers`` are kept as given, so the
-    letter is the message that was refused, plus the reason headers.
+    The body, content type and encoding, the ``headers`` and further AMQP ``properties``
+    (``message_id``, ``correlation_id``, ``reply_to``, …) are kept as given, so the letter
+    is the message that was refused, plus the reason headers.
     """
     merged = dict(headers or {})
     merged.update(
@@ -71,6 +73,7 @@ def publish_dead_letter(
         content_encoding=content_encoding or ("binary" if isinstance(body, bytes) else "utf-8"),
         delivery_mode=2,
         retry=True,
+        **(properties or {}),
     )
 
 

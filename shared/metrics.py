@@ -58,6 +58,7 @@ __all__ = [
     "observe_retries",
     "observe_stored_step",
     "observe_tool_call",
+    "initialize_ingress_metrics",
     "initialize_role_metrics",
     "serve_metrics",
     "RelayKind",
@@ -109,6 +110,12 @@ class DeadLetterKind(StrEnum):
     WRONG_ROLE = "wrong_role"
     #: A valid job the stored trajectory refuses (unknown task, impossible step).
     IMPOSSIBLE_STEP = "impossible_step"
+    #: AMQP ingress: an envelope or task that does not validate, or an idempotency key reused.
+    INVALID_ENVELOPE = "invalid_envelope"
+    #: AMQP ingress: no live API key in ``x-api-key``.
+    UNAUTHENTICATED = "unauthenticated"
+    #: AMQP ingress: over the tenant's request rate or tasks in flight.
+    RATE_LIMITED = "rate_limited"
 
 
 QUEUE_WAIT = Histogram(
@@ -146,7 +153,8 @@ TASK_STEPS = Histogram(
 RETRIES = Counter("umi_retries_total", "Retries, by kind (in_place, requeue, redelivered, llm, tool).", ["role", "kind"])
 DEAD_LETTERS = Counter(
     "umi_dead_letters_total",
-    "Messages dead-lettered, by reason kind (malformed, invalid_job, wrong_role, impossible_step).",
+    "Messages dead-lettered, by reason kind (malformed, invalid_job, wrong_role, impossible_step; "
+    "the ingress also invalid_envelope, unauthenticated, rate_limited).",
     ["role", "reason"],
 )
 JOBS_IN_PROGRESS = Gauge("umi_jobs_in_progress", "Jobs a worker is running now.", ["role"])
@@ -231,6 +239,12 @@ def set_relay_backlog(*, outbox: int, lag_s: float) -> None:
     """Set the outbox backlog and the step-event lag the relay measured this round."""
     OUTBOX_BACKLOG.set(outbox)
     RELAY_LAG.set(max(0.0, lag_s))
+
+
+def initialize_ingress_metrics() -> None:
+    """Create the AMQP ingress consumer's series (``role="ingress"``) at zero: its dead letters by kind."""
+    for reason in DeadLetterKind:
+        DEAD_LETTERS.labels(role="ingress", reason=reason.value)
 
 
 def observe_queue_wait(role: str, published_at: Any) -> None:

@@ -349,6 +349,8 @@ class ErrorDetail(BaseModel):
     type: str
     message: str
     detail: list[dict[str, object]] | None = None
+    #: Over a tenant's limits (AMQP ingress): seconds to wait before publishing again.
+    retry_after_s: float | None = None
 
 
 class ErrorBody(BaseModel):

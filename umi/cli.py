@@ -4,11 +4,13 @@
 
     umi up [--port 8000]                       everything in one process (no GPU, no broker)
     umi worker planner|caller|summarizer|tools [--concurrency N] [--metrics-port P] [-- celery worker options]
+    umi worker ingress [--metrics-port P]     JSON tasks from any AMQP client (umi.ingress)
     umi gateway [--host H] [--port P]
     umi submit "<query>" --tools FILE [--wait] [--api-key KEY]
     umi sim serve --data FILE [--data FILE ...] --port P [--role planner]
     umi db upgrade | umi broker declare | umi dlq list
     umi keys create --tenant NAME [--rate-per-s X --burst N --max-in-flight N] | umi keys revoke KEY-OR-ID | umi keys list
+    umi schema ingress                         the ingress envelope's JSON Schema
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from umi_client import StepEvent, UmiClient, UmiError, UmiHTTPError
 __all__ = ["main"]
 
 WORKER_ROLES = [role.value for role in (StepRole.PLANNER, StepRole.CALLER, StepRole.SUMMARIZER, StepRole.TOOLS)]
+#: `umi worker ingress`: the AMQP ingress consumer (not a Celery worker; services/ingress/).
+INGRESS = "ingress"
 
 
 class UsageError(Exception):
@@ -81,7 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"umi {version('alpha-umi-queues')}")
     sub = parser.add_subparsers(required=True, metavar="command")
 
-    up = sub.add_parser("up", help="run the whole system in one process (SQLite, in-process broker, simulator)")
+    up = sub.add_parser(
+        "up",
+        help="run the whole system in one process (SQLite, in-process broker, simulator)",
+        description="Runs the gateway, the role workers, the AMQP ingress consumer and SGLang simulators in one "
+        "process. With the in-process broker (no UMI_BROKER_URL) the ingress takes only messages published inside "
+        "this process; set UMI_BROKER_URL to consume the real umi.ingress queue.",
+    )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--concurrency", type=int, default=8, help="threads per role worker")
@@ -93,9 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         "worker",
         help="run one role's worker service",
         description="Runs `celery worker` on the role's app (services/<role>/worker.py); options it does not "
-        "know, or all after `--`, are passed on to `celery worker` (e.g. -- --max-tasks-per-child 100 -E).",
+        "know, or all after `--`, are passed on to `celery worker` (e.g. -- --max-tasks-per-child 100 -E). "
+        "`umi worker ingress` consumes umi.ingress (JSON tasks from any AMQP client, docs/ingress.md); "
+        "it is not a Celery worker and takes no Celery options.",
     )
-    worker.add_argument("role", choices=WORKER_ROLES)
+    worker.add_argument("role", choices=[*WORKER_ROLES, INGRESS])
     worker.add_argument("--concurrency", type=int, default=None, help="threads (default UMI_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", type=_log_level, default="INFO")
     worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here (default UMI_METRICS_PORT; 0 = off)")
@@ -182,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     keys_list = keys_sub.add_parser("list", help="keys: id, prefix, tenant, created, revoked (never the key)")
     keys_list.add_argument("--tenant", default=None, help="only this tenant's keys")
     keys_list.set_defaults(func=_cmd_keys_list, loglevel="WARNING")
+    schema = sub.add_parser("schema", help="print a message schema")
+    schema.add_argument("name", choices=[INGRESS], help="ingress: the JSON Schema of a umi.ingress message body")
+    schema.set_defaults(func=_cmd_schema, loglevel="WARNING")
 
     dlq = sub.add_parser("dlq", help="dead-letter queue")
     dlq_sub = dlq.add_subparsers(required=True, metavar="action")
@@ -216,6 +231,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from shared.worker import run_worker
 
     settings = get_settings() if args.metrics_port is None else load_settings(metrics_port=args.metrics_port)
+    if args.role == INGRESS:
+        return _run_ingress(args, settings)
     role = StepRole(args.role)
     # The app `celery -A services.<role>.worker` runs, built from these settings (--metrics-port).
     app = importlib.import_module(f"services.{role.value}.worker").create_app(settings)
@@ -227,6 +244,21 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         loglevel=args.loglevel,
         celery_args=getattr(args, "celery_args", ()),
     )
+
+
+def _run_ingress(args: argparse.Namespace, settings: Any) -> int:
+    from services.ingress.consumer import run_ingress
+
+    if args.concurrency is not None or getattr(args, "celery_args", ()):
+        raise UsageError("umi worker ingress takes no --concurrency or Celery options; run more ingress processes to scale")
+    return run_ingress(settings)
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from services.ingress.schema import envelope_json_schema_text
+
+    sys.stdout.write(envelope_json_schema_text())
+    return 0
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:

@@ -95,6 +95,19 @@ class Deployment:
             self.wait_for_consumers(role, at_least=1, process=process)
         return process
 
+    def start_ingress(self, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``umi worker ingress`` (``env``: extra variables, e.g. ``UMI_AUTH``) and wait until it consumes."""
+        log = open(self.log_dir / f"ingress-{len(os.listdir(self.log_dir))}.log", "wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "umi", "worker", "ingress", "--loglevel", "INFO"],
+            env={**os.environ, **self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        self._wait_for_queue_consumers(self.topology.ingress_queue_name, "ingress", process=process, timeout_s=60)
+        return process
+
     def start_all_workers(self) -> None:
         for role in QUEUE_ROLES:
             self.start_worker(role)
@@ -108,22 +121,31 @@ class Deployment:
         return urls
 
     def consumer_count(self, role: StepRole) -> int:
+        return self.queue_consumer_count(self.topology.queue_name(role))
+
+    def queue_consumer_count(self, queue: str) -> int:
+        """How many consumers ``queue`` has now (raises if it is not declared yet)."""
         with Connection(self.settings.broker_url) as connection:
-            declared = connection.default_channel.queue_declare(self.topology.queue_name(role), passive=True)
+            declared = connection.default_channel.queue_declare(queue, passive=True)
             return int(declared.consumer_count)
 
     def wait_for_consumers(self, role: StepRole, *, at_least: int, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 60) -> None:
+        self._wait_for_queue_consumers(self.topology.queue_name(role), role.value, at_least=at_least, process=process, timeout_s=timeout_s)
+
+    def _wait_for_queue_consumers(
+        self, queue: str, what: str, *, at_least: int = 1, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 60
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"{role} worker exited with {process.returncode}; see {self.log_dir}")
+                raise RuntimeError(f"{what} worker exited with {process.returncode}; see {self.log_dir}")
             try:
-                if self.consumer_count(role) >= at_least:
+                if self.queue_consumer_count(queue) >= at_least:
                     return
             except Exception:  # queue not declared yet
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"{role} worker did not start consuming within {timeout_s}s; see {self.log_dir}")
+        raise TimeoutError(f"{what} worker did not start consuming within {timeout_s}s; see {self.log_dir}")
 
     def kill_worker(self, role: StepRole) -> None:
         """SIGKILL a worker: no warm shutdown, no acks."""

@@ -1,11 +1,13 @@
 """``umi up``: the whole system in one process, on a machine with no GPU and no broker.
 
-SQLite, an in-process broker (kombu's ``memory://``), the four role workers as
-threads, the SGLang simulator (one server per LLM role, clearly labelled) and
+SQLite, an in-process broker (kombu's ``memory://``), the four role workers and the
+AMQP ingress consumer as threads, the SGLang simulator (one server per LLM role, clearly labelled) and
 the mirror tools on the bundled example trajectories — each replaced by the
 real thing when its ``UMI_*`` variable is set (``UMI_BROKER_URL``,
 ``UMI_DATABASE_URL``, ``UMI_<ROLE>_LLM_URL``, ``UMI_TOOLS_MIRROR``). The code
-that runs is the same as in the multi-process deployment.
+that runs is the same as in the multi-process deployment. With the in-process broker the
+ingress takes only messages published inside this process; with ``UMI_BROKER_URL`` it
+consumes the real ``umi.ingress`` queue.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class EmbeddedSystem:
         Returns once everything accepts work. ``overrides`` are settings fields.
         """
         from services.gateway.app import create_app as create_gateway
+        from services.ingress.consumer import start_ingress_thread
         from services.simulator import SimulatorConfig
         from services.simulator import create_app as create_simulator
 
@@ -94,6 +97,7 @@ class EmbeddedSystem:
             for role in QUEUE_ROLES:
                 app = importlib.import_module(f"services.{role.value}.worker").create_app(settings)
                 system._stops.append(start_worker_thread(app, role, settings, concurrency=concurrency))
+            system._stops.append(start_ingress_thread(settings))
             if with_gateway:
                 system.gateway = ServerThread(create_gateway(settings), host=host, port=port).start()
                 system._stops.append(system.gateway.stop)
@@ -114,6 +118,11 @@ class EmbeddedSystem:
         lines.append(f"database     {make_url(self.settings.database_url).render_as_string(hide_password=True)}")
         lines.append(f"tools        mirror of {self.settings.tools_mirror}" if self.settings.tools_mirror else "tools        no mirror")
         lines.append("workers      " + ", ".join(role.value for role in QUEUE_ROLES) + " (threads in this process)")
+        if self.settings.broker_url == EMBEDDED_BROKER_URL:
+            lines.append("ingress      umi.ingress on the in-process broker: only messages published inside this process "
+                         "(set UMI_BROKER_URL for other backends)")
+        else:
+            lines.append(f"ingress      {self.settings.queue_prefix}.ingress (JSON tasks from any AMQP client; docs/ingress.md)")
         return lines
 
     def stop(self) -> None:
