@@ -6,9 +6,8 @@ its row lock, so all replicas share one bucket. ``limits``/``slowapi`` keep thei
 counters in process memory or Redis; this product's shared state is PostgreSQL, so the
 bucket lives there. Tasks in flight are counted from ``umi_task`` itself.
 
-:func:`admit_task` is how a front door (HTTP, AMQP) takes a tenant's task: an idempotent
-replay first (never refused by the in-flight limit: it creates nothing), then the
-in-flight limit, then :func:`shared.tasks.submit_task`.
+The in-flight limit is applied by :func:`shared.tasks.accept_task` under the tenant's row lock,
+in the transaction that stores the task (an idempotent replay creates nothing and is never refused).
 """
 
 from __future__ import annotations
@@ -17,19 +16,15 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import func
-from sqlalchemy.engine import Engine
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
-from shared import crud
-from shared.db import session_scope
-from shared.dispatch import Dispatcher
 from shared.lifecycle import ACTIVE_STATUSES
 from shared.models import Task, Tenant, TenantRate
-from shared.schemas import TaskCreate, TaskOrigin
 from shared.settings import Settings
-from shared.tasks import submit_task
 
-__all__ = ["Admitted", "OverLimit", "Refusal", "admit_task", "check_in_flight", "take_request"]
+__all__ = ["OverLimit", "Refusal", "check_in_flight", "take_request"]
 
 
 @dataclass(frozen=True)
@@ -49,10 +44,14 @@ def take_request(*, session: Session, tenant: Tenant, settings: Settings, now: f
     burst = tenant.burst or settings.tenant_burst
     interval = 1.0 / rate
     now = time.time() if now is None else now
-    state = session.exec(select(TenantRate).where(TenantRate.tenant_id == tenant.id).with_for_update()).first()
+    state = _locked_bucket(session, tenant)
     if state is None:
-        state = TenantRate(tenant_id=tenant.id, tat=now)
-        session.add(state)
+        # The tenant's first request: concurrent first requests (other replicas too) must not
+        # collide on the insert, so create the row only where none exists, then lock it.
+        insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        session.execute(insert(TenantRate).values(tenant_id=tenant.id, tat=now).on_conflict_do_nothing(index_elements=["tenant_id"]))
+        state = _locked_bucket(session, tenant)
+        assert state is not None
     tat = max(state.tat, now)
     allowed_at = tat + interval - burst * interval
     if allowed_at > now:
@@ -60,6 +59,10 @@ def take_request(*, session: Session, tenant: Tenant, settings: Settings, now: f
     state.tat = tat + interval
     session.flush()
     return None
+
+
+def _locked_bucket(session: Session, tenant: Tenant) -> TenantRate | None:
+    return session.exec(select(TenantRate).where(TenantRate.tenant_id == tenant.id).with_for_update()).first()
 
 
 def check_in_flight(*, session: Session, tenant: Tenant, settings: Settings) -> Refusal | None:
@@ -80,39 +83,3 @@ class OverLimit(Exception):
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.reason)
         self.refusal = refusal
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """The tenant's task, and whether it was stored by an earlier request with the same idempotency key."""
-
-    task: Task
-    replayed: bool
-
-
-def admit_task(
-    *, engine: Engine, dispatcher: Dispatcher, settings: Settings, task_in: TaskCreate, tenant: Tenant, origin: TaskOrigin
-) -> Admitted:
-    """Take ``task_in`` for ``tenant`` (``origin.tenant_id`` must be its id), or replay the task stored under its key.
-
-    Raises :class:`OverLimit` when the tenant has its maximum of tasks in flight, and whatever
-    :func:`~shared.tasks.submit_task` raises (``IdempotencyKeyReused`` for a key used with
-    another request). The in-flight count is exact per request, but it is not taken under a
-    lock: two submissions racing at the limit can both pass it (one task over the limit each).
-    ``replayed`` is exact for a retry after the first request stored its task; of two copies
-    that race, the one that loses the insert is answered with the winner's task and
-    ``replayed=False`` (``submit_task`` does not say which path it took).
-    """
-    if origin.idempotency_key is not None:
-        with session_scope(engine) as session:
-            stored = crud.get_task_by_idempotency_key(session=session, tenant_id=tenant.id, key=origin.idempotency_key)
-        if stored is not None:
-            # submit_task compares the request with the stored one and returns the stored task (nothing published).
-            task = submit_task(engine=engine, dispatcher=dispatcher, settings=settings, task_in=task_in, origin=origin)
-            return Admitted(task=task, replayed=True)
-    with session_scope(engine) as session:
-        refusal = check_in_flight(session=session, tenant=tenant, settings=settings)
-    if refusal is not None:
-        raise OverLimit(refusal)
-    task = submit_task(engine=engine, dispatcher=dispatcher, settings=settings, task_in=task_in, origin=origin)
-    return Admitted(task=task, replayed=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from dataclasses import dataclass
 
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
@@ -20,17 +21,27 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from shared import crud
+from shared.admission import OverLimit, check_in_flight
 from shared.context_window import prompt_budget
 from shared.db import session_scope
 from shared.dispatch import Dispatcher
 from shared.lifecycle import TaskStatus
 from shared.metrics import observe_outbox_deferred
-from shared.models import Step, Task, utcnow
+from shared.models import Step, Task, Tenant, utcnow
 from shared.roles import StepRole
 from shared.schemas import StepJob, TaskCreate, TaskOrigin
 from shared.settings import Settings
 
-__all__ = ["IdempotencyKeyReused", "first_jobs", "publish_first_job", "request_fingerprint", "submit_task"]
+__all__ = [
+    "IdempotencyKeyReused",
+    "OverLimit",
+    "Submission",
+    "accept_task",
+    "first_jobs",
+    "publish_first_job",
+    "request_fingerprint",
+    "submit_task",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +65,33 @@ def _existing(engine: Engine, origin: TaskOrigin) -> Task | None:
     return task
 
 
-def submit_task(
-    *, engine: Engine, dispatcher: Dispatcher, settings: Settings, task_in: TaskCreate, origin: TaskOrigin | None = None
-) -> Task:
+@dataclass(frozen=True)
+class Submission:
+    """A submitted task, and whether this request stored it (``False``: an earlier one with its idempotency key did)."""
+
+    task: Task
+    created: bool
+
+
+def accept_task(
+    *,
+    engine: Engine,
+    dispatcher: Dispatcher,
+    settings: Settings,
+    task_in: TaskCreate,
+    origin: TaskOrigin | None = None,
+    limit_in_flight: Tenant | None = None,
+) -> Submission:
     """Commit the task (and its given history), then publish its first planner job.
 
     With an idempotency key in ``origin``, a task the tenant already submitted under
-    that key is returned as it is (nothing stored, nothing published again); the same
-    key with a different request raises :class:`IdempotencyKeyReused`.
+    that key is returned as it is (``created=False``; nothing stored, nothing published
+    again, no limit applied); the same key with a different request raises
+    :class:`IdempotencyKeyReused`.
+
+    With ``limit_in_flight`` (the submitting tenant), the tenant's tasks-in-flight limit is
+    checked in the transaction that stores the task, under the tenant's row lock, so
+    submissions racing at the limit cannot pass it together: :class:`~shared.admission.OverLimit`.
 
     Raises :class:`~shared.context_window.PromptDoesNotFit` (nothing stored) when the
     task's ``max_new_tokens`` leaves no room for a prompt in the context window. A
@@ -74,9 +104,11 @@ def submit_task(
         origin = origin.model_copy(update={"request_fingerprint": request_fingerprint(task_in)})
     existing = _existing(engine, origin)
     if existing is not None:
-        return existing
+        return Submission(task=existing, created=False)
     try:
         with session_scope(engine) as session:
+            if limit_in_flight is not None:
+                _check_in_flight_locked(session, limit_in_flight, settings)
             task = crud.create_task(
                 session=session,
                 task_in=task_in,
@@ -90,9 +122,25 @@ def submit_task(
         existing = _existing(engine, origin)
         if existing is None:
             raise
-        return existing
+        return Submission(task=existing, created=False)
     publish_first_job(engine, dispatcher, task.id)
-    return task
+    return Submission(task=task, created=True)
+
+
+def _check_in_flight_locked(session: Session, tenant: Tenant, settings: Settings) -> None:
+    # FOR NO KEY UPDATE: serialises this tenant's admissions without blocking the foreign-key
+    # checks (KEY SHARE) of task inserts elsewhere. SQLite has one writer at a time anyway.
+    session.exec(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update(key_share=True)).one()
+    refusal = check_in_flight(session=session, tenant=tenant, settings=settings)
+    if refusal is not None:
+        raise OverLimit(refusal)
+
+
+def submit_task(
+    *, engine: Engine, dispatcher: Dispatcher, settings: Settings, task_in: TaskCreate, origin: TaskOrigin | None = None
+) -> Task:
+    """:func:`accept_task` without limits, for callers that only need the task (the evaluation runner)."""
+    return accept_task(engine=engine, dispatcher=dispatcher, settings=settings, task_in=task_in, origin=origin).task
 
 
 def first_jobs(session: Session, tasks: list[Task]) -> dict[uuid.UUID, StepJob]:

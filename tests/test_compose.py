@@ -149,6 +149,9 @@ def test_every_metrics_port_is_scraped_by_prometheus() -> None:
         assert (role.value, METRICS_PORT) in jobs[f"umi-{role.value}"]
     gateway = services["gateway"]["command"]
     assert ("gateway", int(gateway[gateway.index("--port") + 1])) in jobs["umi-gateway"]
+    assert services["ingress"]["command"] == ["umi", "worker", "ingress"]
+    assert services["ingress"]["environment"]["UMI_METRICS_PORT"] == str(METRICS_PORT)
+    assert ("ingress", METRICS_PORT) in jobs["umi-ingress"]
     for role in LLMRole:
         server = f"sglang-{role.value}"
         assert "--enable-metrics" in services[server]["command"]

@@ -125,6 +125,7 @@ def test_concurrent_duplicates_over_the_network_make_one_task_published_once(
             thread.join()
     assert [answer.status_code for answer in answers] == [202] * 8
     assert len({answer.json()["id"] for answer in answers}) == 1
+    assert sorted(answer.headers.get("Idempotent-Replayed", "") for answer in answers) == [""] + ["true"] * 7
     assert stored_tasks(postgres_url, idem) == 1
     with Session(get_engine(postgres_url)) as session:
         task = session.exec(select(Task).where(Task.idempotency_key == idem)).one()
@@ -223,6 +224,28 @@ def test_tasks_in_flight_over_the_limit_are_429_but_a_replay_is_not(client: Test
     # A task that ends frees its place.
     assert client.post(f"/v1/tasks/{accepted[0].json()['id']}/cancel", headers=bearer(key)).status_code == 200
     assert client.post("/v1/tasks", json=a_task(), headers=bearer(key)).status_code == 202
+
+
+def test_submissions_racing_at_the_in_flight_limit_cannot_pass_it_together(postgres_url: str, rabbitmq_url: str) -> None:
+    """Twelve concurrent POSTs over two gateway replicas against a limit of three: exactly three tasks."""
+    settings = auth_settings(postgres_url, rabbitmq_url)
+    key = issue_key(postgres_url, max_in_flight=3)
+    answers: list[httpx.Response] = []
+    with ServerThread(create_app(settings)) as one, ServerThread(create_app(settings)) as two:
+
+        def post(url: str) -> None:
+            with httpx.Client(base_url=url, timeout=httpx.Timeout(20.0, connect=5.0)) as http:
+                answers.append(http.post("/v1/tasks", json=a_task(), headers=bearer(key)))
+
+        threads = [threading.Thread(target=post, args=(server.url,)) for server in [one, two] * 6]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(answer.status_code for answer in answers) == [202] * 3 + [429] * 9
+    with Session(get_engine(postgres_url)) as session:
+        tenant_id = session.exec(select(Task.tenant_id).where(Task.id == uuid.UUID(next(a for a in answers if a.status_code == 202).json()["id"]))).one()
+        assert len(session.exec(select(Task).where(Task.tenant_id == tenant_id)).all()) == 3
 
 
 # --- listing ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from shared.metrics import CONTENT_TYPE, exposition
 from shared.relay import Relay
 from shared.schemas import TaskAccepted, TaskCreate, TaskOrigin, TaskPage, TaskPublic, TaskSummary
 from shared.settings import Settings, get_settings
-from shared.tasks import IdempotencyKeyReused
+from shared.tasks import IdempotencyKeyReused, accept_task
 from shared.topology import Topology
 
 __all__ = ["IDEMPOTENCY_KEY_PATTERN", "create_app"]
@@ -130,13 +130,13 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
         """Accept a task; the planner takes its first step asynchronously."""
         origin = TaskOrigin(tenant_id=tenant.id, idempotency_key=idempotency_key)
         try:
-            admitted = admission.admit_task(
+            submission = accept_task(
                 engine=request.app.state.engine,
                 dispatcher=request.app.state.dispatcher,
                 settings=settings,
                 task_in=task_in,
-                tenant=tenant,
                 origin=origin,
+                limit_in_flight=tenant,
             )
         except PromptDoesNotFit as exc:
             raise invalid(("body", "max_new_tokens"), str(exc), task_in.max_new_tokens) from exc
@@ -144,9 +144,9 @@ def create_app(settings: Settings | None = None, *, dispatcher: Dispatcher | Non
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         except admission.OverLimit as exc:
             raise too_many_requests(exc.refusal) from exc
-        if admitted.replayed:
+        if not submission.created:
             response.headers["Idempotent-Replayed"] = "true"
-        return TaskAccepted(id=admitted.task.id, status=admitted.task.status)
+        return TaskAccepted(id=submission.task.id, status=submission.task.status)
 
     @app.get("/v1/tasks", response_model=TaskPage, responses={**AUTHENTICATED})
     def list_tasks(

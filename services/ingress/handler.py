@@ -31,7 +31,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from sqlalchemy.exc import DataError
-from sqlmodel import Session
 
 from shared import admission, crud, tenants
 from shared.context_window import PromptDoesNotFit
@@ -42,7 +41,7 @@ from shared.models import Tenant
 from shared.pipeline import Runtime
 from shared.schemas import ErrorBody, ErrorDetail, IngressEnvelope, TaskOrigin
 from shared.settings import Settings
-from shared.tasks import IdempotencyKeyReused, request_fingerprint, submit_task
+from shared.tasks import IdempotencyKeyReused, OverLimit, accept_task, request_fingerprint
 
 __all__ = [
     "API_KEY_HEADER",
@@ -212,17 +211,21 @@ def _decide(body: bytes, properties: IngressProperties, runtime: Runtime) -> Ing
     )
     with session_scope(runtime.engine) as session:
         known = crud.get_task_by_idempotency_key(session=session, tenant_id=tenant.id, key=message_id)
-        limited = None if known is not None else _over_limits(session, tenant, runtime)
+        # A redelivered copy already paid for its request; the in-flight limit is checked with the insert.
+        limited = None if known is not None else admission.take_request(session=session, tenant=tenant, settings=settings)
     if limited is not None:
-        return _refused(
-            DeadLetterKind.RATE_LIMITED, "rate_limited",
-            f"too many requests: {limited.reason}; retry after {limited.retry_after_s:.1f}s",
-            retry_after_s=round(limited.retry_after_s, 3),
-        )
+        return _rate_limited(limited)
     try:
-        task = submit_task(
-            engine=runtime.engine, dispatcher=runtime.dispatcher, settings=settings, task_in=envelope.task, origin=origin
+        submission = accept_task(
+            engine=runtime.engine,
+            dispatcher=runtime.dispatcher,
+            settings=settings,
+            task_in=envelope.task,
+            origin=origin,
+            limit_in_flight=tenant,
         )
+    except OverLimit as exc:
+        return _rate_limited(exc.refusal)
     except IdempotencyKeyReused as exc:
         return _refused(DeadLetterKind.INVALID_ENVELOPE, "idempotency_key_reused", f"message_id: {exc}")
     except PromptDoesNotFit as exc:
@@ -231,11 +234,12 @@ def _decide(body: bytes, properties: IngressProperties, runtime: Runtime) -> Ing
             detail=[{"loc": ["task", "max_new_tokens"], "msg": str(exc), "type": "value_error"}],
         )
     except DataError as exc:
-        # A value the database refuses (a NUL character, a non-finite number in a tool's input):
-        # nothing was stored, and a retry cannot help. The driver's message, not the statement.
+        # A value the database refuses that the envelope's validators let through: nothing was
+        # stored, and a retry cannot help. The driver's message, not the statement.
         cause = exc.orig if exc.orig is not None else exc
         return _refused(DeadLetterKind.INVALID_ENVELOPE, "invalid_task", f"the task cannot be stored: {cause}")
-    return Accepted(task_id=task.id, tenant_id=tenant.id, duplicate=known is not None)
+    task = submission.task
+    return Accepted(task_id=task.id, tenant_id=tenant.id, duplicate=not submission.created)
 
 
 def _check_properties(properties: IngressProperties, settings: Settings) -> Refused | None:
@@ -265,9 +269,10 @@ def _tenant(properties: IngressProperties, runtime: Runtime) -> Tenant | None:
         return tenant
 
 
-def _over_limits(session: Session, tenant: Tenant, runtime: Runtime) -> admission.Refusal | None:
-    """Count the request against the tenant's rate, then check its tasks in flight (as the gateway does)."""
-    settings = runtime.settings
-    return admission.take_request(session=session, tenant=tenant, settings=settings) or admission.check_in_flight(
-        session=session, tenant=tenant, settings=settings
+def _rate_limited(refusal: admission.Refusal) -> Refused:
+    """The refusal of a tenant over its request rate or tasks in flight: nothing stored, retry later."""
+    return _refused(
+        DeadLetterKind.RATE_LIMITED, "rate_limited",
+        f"too many requests: {refusal.reason}; retry after {refusal.retry_after_s:.1f}s",
+        retry_after_s=round(refusal.retry_after_s, 3),
     )
