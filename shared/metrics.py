@@ -60,6 +60,7 @@ __all__ = [
     "observe_tool_call",
     "initialize_ingress_metrics",
     "initialize_role_metrics",
+    "initialize_tool_metrics",
     "serve_metrics",
     "RelayKind",
     "initialize_relay_metrics",
@@ -209,6 +210,13 @@ def initialize_role_metrics(role: str) -> None:
             LLM_TOKENS.labels(role=role, kind=kind)
     for status in TERMINAL_STATUSES:
         TASKS.labels(status=status.value)
+
+
+def initialize_tool_metrics(backends: list[str]) -> None:
+    """Create the tool-call series of each configured backend at zero (the tools worker, at start)."""
+    for backend in backends:
+        for outcome in ("ok", "error"):
+            TOOL_CALL_DURATION.labels(tool_backend=backend, outcome=outcome)
 
 
 def initialize_relay_metrics() -> None:

@@ -354,7 +354,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """An error answered over AMQP (to ``reply_to``) and by the gateway's non-validation errors."""
+    """An error answered over AMQP (to ``reply_to``); the HTTP API answers ``{"detail": ...}`` as FastAPI does."""
 
     error: ErrorDetail
 

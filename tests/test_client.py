@@ -22,9 +22,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlmodel import select
 
 from shared.asgi import ServerThread
 from shared.db import get_engine, session_scope
+from shared.lifecycle import TaskStatus
+from shared.models import Task
 from shared.tenants import create_api_key
 from tests.conftest import REPO, TRAIN_FILES, UMI, load_trajectories, single_chain_indices
 from tests.stored_steps import TASK, add_step, finish_task, gateway_settings, start_gateway
@@ -211,18 +214,49 @@ class _LoseFirstAnswer(httpx.BaseTransport):
         return response
 
 
-def test_a_retried_submit_sends_the_same_idempotency_key(gateway: ServerThread) -> None:
+def test_a_retried_submit_sends_the_same_idempotency_key(gateway: ServerThread, postgres_url: str) -> None:
     transport = _LoseFirstAnswer()
     with UmiClient(gateway.url, transport=transport) as umi:
-        umi.submit(TASK)
+        retried = umi.submit(TASK)
         assert len(transport.keys) == 2 and transport.keys[0] == transport.keys[1] and transport.keys[0]
+        # The lost answer's request did store the task: the retry got the same one, not a second.
+        with session_scope(get_engine(postgres_url)) as session:
+            stored = session.exec(select(Task).where(Task.idempotency_key == transport.keys[0])).all()
+        assert [task.id for task in stored] == [retried.id]
         umi.submit(TASK)
         assert transport.keys[2] != transport.keys[0]  # a new call, a new key
         umi.submit(TASK, idempotency_key="order-42")
         assert transport.keys[3] == "order-42"
+        with pytest.raises(Conflict) as conflict:  # the same key for another task: a real 409 from the gateway
+            umi.submit({**TASK, "query": "another question"}, idempotency_key="order-42")
+        assert conflict.value.status == 409
     lossy = _LoseFirstAnswer()
     with UmiClient(gateway.url, transport=lossy, retries=0) as umi, pytest.raises(UmiConnectionError):
         umi.submit(TASK)
+
+
+def test_list_pages_through_the_tenants_tasks_sync_and_async(postgres_url: str) -> None:
+    with session_scope(get_engine(postgres_url)) as session:
+        key = create_api_key(session=session, tenant_name=f"lister-{uuid.uuid4().hex[:6]}").key
+    with start_gateway(gateway_settings(postgres_url, auth=True)) as server:
+        with UmiClient(server.url, api_key=key) as umi:
+            submitted = [umi.submit({**TASK, "query": f"question {n}"}).id for n in range(5)]
+            cancelled = umi.cancel(submitted[0])
+            seen, cursor = [], None
+            while True:
+                page = umi.list(limit=2, cursor=cursor)
+                seen += [task.id for task in page.items]
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+            assert seen == submitted[::-1]  # newest first, each once, only this tenant's
+            assert [task.id for task in umi.list(status="cancelled").items] == [cancelled.id]
+
+        async def listed() -> list[uuid.UUID]:
+            async with AsyncUmiClient(server.url, api_key=key) as umi:
+                return [task.id for task in (await umi.list(status=TaskStatus.QUEUED, limit=10)).items]
+
+        assert asyncio.run(listed()) == submitted[:0:-1]
 
 
 def test_http_errors_map_to_the_client_exceptions_and_the_key_is_never_shown(

@@ -179,7 +179,7 @@ def test_another_tenants_task_is_404_before_any_stream_and_no_key_is_401(postgre
 def test_the_openapi_document_shows_the_stream_and_json_errors(gateway: ServerThread) -> None:
     route = httpx.get(f"{gateway.url}/openapi.json", timeout=10).json()["paths"]["/v1/tasks/{task_id}/events"]["get"]
     media = {status: list(response["content"]) for status, response in route["responses"].items()}
-    assert media == {"200": ["text/event-stream"], **{s: ["application/json"] for s in ("401", "404", "422", "429")}}
+    assert media == {"200": ["text/event-stream"], **{s: ["application/json"] for s in ("401", "404", "422", "429", "503")}}
     assert [p["name"] for p in route["parameters"]] == ["task_id", "Last-Event-ID"]
 
 

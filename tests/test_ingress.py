@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from shared.db import get_engine, session_scope
 from shared.dead_letters import REASON_HEADER, SOURCE_QUEUE_HEADER, pika_parameters
 from shared.models import DEFAULT_TENANT_ID, Task
 from shared.pipeline import Runtime
+from shared.relay import relay_thread
 from shared.schemas import StepJob
 from shared.settings import Settings, load_settings
 from shared.topology import Topology
@@ -628,3 +630,50 @@ def test_a_task_published_over_amqp_runs_and_comes_back_on_reply_to_with_its_eve
             assert [body for key, body in received if key == f"task.{final['id']}.end"][-1] == final
     finally:
         deployment.close()
+
+
+def test_a_tenants_broker_user_gets_its_own_events_and_cannot_bind_to_every_task(rabbitmq_url: str, postgres_url: str) -> None:
+    """The broker permissions docs/ingress.md gives a tenant's own RabbitMQ user: it publishes to
+    ``umi.ingress``, reads its replies and binds ``umi.events`` by a task id it knows; binding
+    ``task.#`` (every tenant's tasks) is refused by RabbitMQ itself."""
+    settings = ingress_settings(rabbitmq_url, postgres_url)
+    events_exchange = Topology(settings).events_exchange.name
+    vhost = rabbitmq_url.rsplit("/", 1)[1]
+    user, password = unique("tenant-user"), uuid.uuid4().hex
+
+    def rabbitmqctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+    rabbitmqctl("add_user", user, password)
+    try:
+        # Exactly as docs/ingress.md ("Tenant isolation on the broker") sets them.
+        exchange = events_exchange.replace(".", r"\.")
+        rabbitmqctl("set_permissions", "-p", vhost, user,
+                    r"^amq\.gen-.*", r"^(amq\.gen-.*|amq\.default)$", rf"^(amq\.gen-.*|{exchange})$")
+        rabbitmqctl("set_topic_permissions", "-p", vhost, user, events_exchange, "^$", r"^task\.[0-9a-f-]{36}\.(\*|step|end)$")
+        stop = start_ingress_thread(settings)
+        try:
+            with connected(settings) as admin:
+                key, tenant_id = issue_key(admin.engine, unique("brokeruser"))
+                tenant_url = rabbitmq_url.replace("guest:guest@", f"{user}:{password}@")
+                with connected(settings.model_copy(update={"broker_url": tenant_url})) as tenant:
+                    message_id = unique("own")
+                    tenant.publish(encoded(envelope()), message_id=message_id, api_key=key, correlation_id="own-1")
+                    task = wait_for(lambda: admin.task(tenant_id, message_id), what="the tenant's task")
+                    events = tenant.channel.queue_declare("", exclusive=True).method.queue
+                    tenant.channel.queue_bind(events, events_exchange, routing_key=f"task.{task.id}.*")
+                    with relay_thread(admin.engine, settings):
+                        with session_scope(admin.engine) as session:
+                            crud.cancel_task(session=session, task_id=task.id)
+                        _, final = tenant.reply("own-1")
+                    assert (final["id"], final["status"]) == (str(task.id), "cancelled")
+                    routing_keys = []
+                    while (message := tenant.channel.basic_get(events, auto_ack=True))[0] is not None:
+                        routing_keys.append(message[0].routing_key)
+                    assert routing_keys == [f"task.{task.id}.step", f"task.{task.id}.end"]
+                    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="ACCESS_REFUSED"):
+                        tenant.channel.queue_bind(events, events_exchange, routing_key="task.#")
+        finally:
+            stop()
+    finally:
+        rabbitmqctl("delete_user", user)

@@ -11,6 +11,7 @@ they describe.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import uuid
@@ -184,7 +185,7 @@ def test_every_alert_rule_evaluates_without_error(observed: Observed) -> None:
 
 def _on_workers(expr: str) -> str:
     """``expr`` on the worker jobs' dead-letter counters only (see :data:`WORKER_JOBS`)."""
-    return expr.replace("umi_dead_letters_total", f"umi_dead_letters_total{{{WORKER_JOBS}}}")
+    return re.sub(r"umi_dead_letters_total(\{)?", lambda m: f"umi_dead_letters_total{{{WORKER_JOBS}" + ("," if m.group(1) else "}"), expr)
 
 
 def _alert_names() -> list[str]:

@@ -333,7 +333,8 @@ def test_an_outage_longer_than_the_budget_gives_the_message_back(runtime: Runtim
 
 
 def test_nul_characters_are_stored_as_replacement_characters(runtime: Runtime) -> None:
-    task_id = _new_task(runtime, query="find \x00 this")
+    # A query with NUL is refused at the door (tests/test_input_hardening.py); what models and tools produce is stored.
+    task_id = _new_task(runtime, query="find this")
     job = StepJob(task_id=task_id, step_index=1, role=StepRole.PLANNER)
     draft = StepDraft(role=StepRole.PLANNER, output="thought \x00", raw_output="raw \x00", tool_name="tool\x00name")
 
@@ -346,7 +347,7 @@ def test_nul_characters_are_stored_as_replacement_characters(runtime: Runtime) -
         step = session.exec(select(Step).where(Step.task_id == task_id, Step.tool_name == "tool\x00name")).one()
         call = session.exec(select(ToolCall).where(ToolCall.task_id == task_id)).one()
         task = session.get(Task, task_id)
-    assert task is not None and task.query == f"find {NUL_REPLACEMENT} this"
+    assert task is not None
     assert (step.output, step.raw_output, step.tool_name) == (
         f"thought {NUL_REPLACEMENT}", f"raw {NUL_REPLACEMENT}", f"tool{NUL_REPLACEMENT}name"
     )

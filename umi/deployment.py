@@ -72,8 +72,8 @@ class Deployment:
         self.workers: dict[StepRole, subprocess.Popen[bytes]] = {}
         #: Every worker process started, all stopped by :meth:`close` (``workers`` keeps the last per role).
         self.processes: list[subprocess.Popen[bytes]] = []
-        #: Each worker process's role and Prometheus port (its own ``UMI_METRICS_PORT``).
-        self.metrics_ports: dict[subprocess.Popen[bytes], tuple[StepRole, int]] = {}
+        #: Each worker process's service (its role, or ``ingress``) and Prometheus port (its own ``UMI_METRICS_PORT``).
+        self.metrics_ports: dict[subprocess.Popen[bytes], tuple[str, int]] = {}
         self.gateway = ServerThread(create_gateway(self.settings)).start()
         self.http = httpx.Client(base_url=self.gateway.url, timeout=30)
 
@@ -90,23 +90,31 @@ class Deployment:
         )
         self.workers[role] = process
         self.processes.append(process)
-        self.metrics_ports[process] = (role, metrics_port)
+        self.metrics_ports[process] = (role.value, metrics_port)
         if wait:
             self.wait_for_consumers(role, at_least=1, process=process)
         return process
 
-    def start_ingress(self, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start ``umi worker ingress`` (``env``: extra variables, e.g. ``UMI_AUTH``) and wait until it consumes."""
+    def start_ingress(self, *, env: dict[str, str] | None = None, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Start ``umi worker ingress`` (``env``: extra variables, e.g. ``UMI_AUTH``) and wait until it
+        consumes (unless ``wait`` is false); its metrics are served on a free port unless ``env`` sets one."""
         log = open(self.log_dir / f"ingress-{len(os.listdir(self.log_dir))}.log", "wb")
+        env = {"UMI_METRICS_PORT": str(free_port()), **(env or {})}
         process = subprocess.Popen(
             [sys.executable, "-m", "umi", "worker", "ingress", "--loglevel", "INFO"],
-            env={**os.environ, **self.env, **(env or {})},
+            env={**os.environ, **self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         self.processes.append(process)
-        self._wait_for_queue_consumers(self.topology.ingress_queue_name, "ingress", process=process, timeout_s=60)
+        self.metrics_ports[process] = ("ingress", int(env["UMI_METRICS_PORT"]))
+        if wait:
+            self.wait_for_ingress(process)
         return process
+
+    def wait_for_ingress(self, process: subprocess.Popen[bytes] | None = None) -> None:
+        """Wait until an ingress worker consumes ``umi.ingress``."""
+        self._wait_for_queue_consumers(self.topology.ingress_queue_name, "ingress", process=process, timeout_s=60)
 
     def start_all_workers(self) -> None:
         for role in QUEUE_ROLES:
@@ -115,9 +123,9 @@ class Deployment:
     def metrics_urls(self) -> dict[str, list[str]]:
         """The ``/metrics`` URLs of every running process, by role (``gateway``: this process, which runs it)."""
         urls: dict[str, list[str]] = {"gateway": [f"{self.gateway.url}/metrics"]}
-        for process, (role, port) in self.metrics_ports.items():
+        for process, (service, port) in self.metrics_ports.items():
             if process.poll() is None:
-                urls.setdefault(role.value, []).append(f"http://127.0.0.1:{port}/metrics")
+                urls.setdefault(service, []).append(f"http://127.0.0.1:{port}/metrics")
         return urls
 
     def consumer_count(self, role: StepRole) -> int:

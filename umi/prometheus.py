@@ -246,23 +246,26 @@ def deployment_targets(system: Deployment) -> dict[str, list[str]]:
     urls = system.metrics_urls()
     targets = {f"umi-{role.value}": [_host_port(url) for url in urls.get(role.value, [])] for role in QUEUE_ROLES}
     targets["umi-gateway"] = [_host_port(url) for url in urls["gateway"]]
+    targets["umi-ingress"] = [_host_port(url) for url in urls.get("ingress", [])]
     targets["rabbitmq"] = [RABBITMQ_METRICS]
     targets |= {f"sglang-{role.value}": [_host_port(server.url)] for role, server in system.simulators.items()}
     return targets
 
 
 def start_observed(system: Deployment, *, vhost: str, concurrency: int = 4) -> PrometheusServer:
-    """Start one worker per role and a Prometheus scraping every process of ``system`` each second
-    (RabbitMQ's per-queue metrics restricted to ``vhost``); return once all consume and are scraped.
+    """Start one worker per role, an ingress worker and a Prometheus scraping every process of ``system``
+    each second (RabbitMQ's per-queue metrics restricted to ``vhost``); return once all consume and are scraped.
 
     Workers and Prometheus start side by side: each worker's metrics port is known at once.
     """
     workers = {role: system.start_worker(role, concurrency=concurrency, wait=False) for role in QUEUE_ROLES}
+    ingress = system.start_ingress(wait=False)
     prometheus = PrometheusServer(local_scrape_config(deployment_targets(system), interval_s=1, rabbitmq_vhost=vhost))
     try:
         prometheus.start()
         for role, process in workers.items():
             system.wait_for_consumers(role, at_least=1, process=process)
+        system.wait_for_ingress(ingress)
         prometheus.wait_for_targets_up()
     except BaseException:
         prometheus.stop()

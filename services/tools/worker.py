@@ -11,6 +11,7 @@ from celery import Celery
 
 from services.tools.errors import ToolSetupError
 from services.tools.handler import handle_tools_job, tool_executor
+from shared.metrics import initialize_tool_metrics
 from shared.pipeline import Runtime
 from shared.roles import StepRole
 from shared.settings import ConfigurationError, Settings, get_settings
@@ -22,9 +23,11 @@ ROLE = StepRole.TOOLS
 def check_tools(rt: Runtime) -> None:
     """Build the tool executor before consuming: a bad mirror or catalog stops the worker at start."""
     try:
-        tool_executor(rt)
+        executor = tool_executor(rt)
     except ToolSetupError as exc:
         raise ConfigurationError(f"the tools worker cannot start: {exc}") from None
+    # Calls are counted per backend: export each configured backend's series at zero from the start.
+    initialize_tool_metrics([backend.name for backend in executor.backends])
 
 
 def create_app(settings: Settings | None = None) -> Celery:
