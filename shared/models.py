@@ -155,6 +155,19 @@ class Task(TaskState, TaskGeneration, table=True):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_umi_task_tenant_idempotency_key"),
         # Keyset pagination of a tenant's tasks, newest first.
         Index("ix_umi_task_tenant_created", "tenant_id", "created_at", "id"),
+        # The relay's work lists (outbox, task ends) stay small however many tasks are stored.
+        Index(
+            "ix_umi_task_unenqueued",
+            "created_at",
+            postgresql_where=text("enqueued_at IS NULL"),
+            sqlite_where=text("enqueued_at IS NULL"),
+        ),
+        Index(
+            "ix_umi_task_end_unpublished",
+            "id",
+            postgresql_where=text("end_published_at IS NULL"),
+            sqlite_where=text("end_published_at IS NULL"),
+        ),
     )
 
     tenant_id: uuid.UUID = Field(

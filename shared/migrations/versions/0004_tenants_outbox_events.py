@@ -72,6 +72,14 @@ def upgrade() -> None:
     with op.batch_alter_table('umi_task', schema=None) as batch_op:
         batch_op.alter_column('tenant_id', server_default=None)
     op.execute("UPDATE umi_task SET enqueued_at = created_at, end_published_at = updated_at")
+    op.create_index(
+        'ix_umi_task_unenqueued', 'umi_task', ['created_at'],
+        postgresql_where=sa.text('enqueued_at IS NULL'), sqlite_where=sa.text('enqueued_at IS NULL'),
+    )
+    op.create_index(
+        'ix_umi_task_end_unpublished', 'umi_task', ['id'],
+        postgresql_where=sa.text('end_published_at IS NULL'), sqlite_where=sa.text('end_published_at IS NULL'),
+    )
     with op.batch_alter_table('umi_step', schema=None) as batch_op:
         batch_op.add_column(sa.Column('started_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True))
         batch_op.add_column(sa.Column('published_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True))
@@ -86,6 +94,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index('ix_umi_task_end_unpublished', table_name='umi_task')
+    op.drop_index('ix_umi_task_unenqueued', table_name='umi_task')
     op.drop_index('ix_umi_step_unpublished', table_name='umi_step')
     with op.batch_alter_table('umi_step', schema=None) as batch_op:
         batch_op.drop_column('published_at')
