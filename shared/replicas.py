@@ -11,7 +11,7 @@ when it comes back, they return.
 
 Health: a background thread asks every replica's ``GET /health`` each
 ``UMI_LLM_HEALTH_INTERVAL_S``; a connection error, timeout, 502, 503 or 504 marks a
-replica down at once, and only a good health check brings it back. Retries of one
+replica down at once; a good health check (or answer) brings it back. Retries of one
 request (:class:`~shared.retry.RetryPolicy`, the same policy as one client's) go to
 the next replica in the task's ranking not tried yet, rather than hammering the
 one that just failed. When every replica is down they are still tried, in the
@@ -234,6 +234,7 @@ class ReplicaSet:
                 exc.attempts = number
                 raise
             observe_replica_request(self.role, replica.label, ok=True)
+            self._mark(replica, True)  # an answer proves it serves (a lone replica has no health thread)
             return result, number
 
         def log_retry(exc: Exception, retry: int, delay: float) -> None:

@@ -20,14 +20,16 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from sqlmodel import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from services.simulator import SimulatorConfig, create_app
+from shared import crud
 from shared.asgi import ServerThread
-from shared.db import upgrade_schema
+from shared.db import get_engine, upgrade_schema
 from shared.llm import fit_to_context, replicas_for_role
 from shared.pipeline import Runtime
 from shared.replicas import ROUTING_KEY_HEADER, rendezvous_order, replica_label
@@ -36,6 +38,7 @@ from shared.settings import ConfigurationError, Settings, load_settings
 from shared.sglang_client import GenerateRequest, SamplingParams
 from tests.conftest import REPO, TRAIN_FILES, TRAJECTORIES, load_trajectories, single_chain_indices
 from tests.pipeline_helpers import CollectingDispatcher, create_task, run_to_end, stored_steps
+from umi.deployment import Deployment
 
 REPLICAS = 4
 #: Recorded tasks with several steps per LLM role (planner, caller; summarizer once).
@@ -71,11 +74,16 @@ def replica_settings(tmp_path: Path, servers: dict[LLMRole, list[ServerThread]],
 
 def cache_ratio_after_first_step(rt: Runtime, task_ids: list[uuid.UUID]) -> dict[str, float]:
     """Per LLM role: cached / prompt tokens over every step after the task's first of that role."""
+    return ratio_of_steps([stored_steps(rt, task_id) for task_id in task_ids])
+
+
+def ratio_of_steps(tasks: list[list[Any]]) -> dict[str, float]:
+    """Per LLM role: cached / prompt tokens of each task's stored steps after its first of that role."""
     cached: dict[str, int] = {}
     prompt: dict[str, int] = {}
-    for task_id in task_ids:
+    for steps in tasks:
         seen: set[StepRole] = set()
-        for step in stored_steps(rt, task_id):
+        for step in steps:
             if step.role not in {StepRole.PLANNER, StepRole.CALLER, StepRole.SUMMARIZER}:
                 continue
             if step.role in seen:
@@ -172,6 +180,32 @@ def test_task_affine_routing_keeps_the_prefix_cache_of_one_server_and_round_robi
     for role in affine:
         assert affine[role] >= 0.97 * single[role], (role, affine, single)
         assert round_robin[role] <= 0.6 * affine[role], (role, round_robin, affine)
+
+
+def test_worker_processes_of_one_role_send_a_task_to_the_same_replica(
+    rabbitmq_url: str, postgres_url: str, tmp_path: Path, replicas: dict[LLMRole, list[ServerThread]]
+) -> None:
+    """Real RabbitMQ, PostgreSQL and worker processes, two per LLM role, over 4 simulator replicas per role:
+    a task's steps meet their prefix again only if both processes pick the same replica for it."""
+    bound = measured_ratio(replica_settings(tmp_path, {role: servers[:1] for role, servers in replicas.items()}))
+    (tmp_path / "logs").mkdir()
+    system = Deployment(rabbitmq_url=rabbitmq_url, postgres_url=postgres_url, log_dir=tmp_path / "logs", replicas=REPLICAS)
+    try:
+        system.start_all_workers()
+        for role in (StepRole.PLANNER, StepRole.CALLER):
+            system.start_worker(role)
+            system.wait_for_consumers(role, at_least=2)
+        records = load_trajectories()
+        chosen = [records[index] for index in single_chain_indices(records)[:TASKS]]
+        task_ids = [system.submit(record["conversations"][0]["value"], record["tools"]) for record in chosen]
+        assert all(system.wait(task_id, timeout_s=90)["status"] == "succeeded" for task_id in task_ids)
+        with Session(get_engine(system.settings.database_url)) as session:
+            ratio = ratio_of_steps([crud.list_steps(session=session, task_id=uuid.UUID(task_id)) for task_id in task_ids])
+    finally:
+        system.close()
+    print(f"\n2 worker processes per role, {REPLICAS} replicas: {ratio} (one server: {bound})")
+    for role in bound:
+        assert ratio[role] >= 0.97 * bound[role], (role, ratio, bound)
 
 
 # --------------------------------------------------------------------------- failover
