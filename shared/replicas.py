@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from shared.metrics import observe_replica_request, set_replica_up
@@ -116,7 +116,7 @@ class ReplicaSet:
         *,
         retry: RetryPolicy,
         health_interval_s: float = 5.0,
-        routing: str = "task",
+        routing: Literal["task", "round_robin"] = "task",
         router: bool = False,
     ) -> None:
         if not clients:
@@ -129,6 +129,8 @@ class ReplicaSet:
         self.routing = routing
         self.replicas = [Replica(client, replica_label(client.base_url)) for client in clients]
         self._by_label = {replica.label: replica for replica in self.replicas}
+        if len(self._by_label) != len(self.replicas):
+            raise ValueError(f"{role}: two replica URLs name the same host:port")
         self._turn = itertools.count()
         self._stop = threading.Event()
         for replica in self.replicas:
