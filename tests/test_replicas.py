@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,6 +249,26 @@ def test_a_replica_that_goes_down_hands_its_tasks_on_and_gets_them_back(
     finally:
         revived.stop()
         rt.close()
+
+
+def wait_until(condition: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_the_background_health_check_skips_a_dead_replica_and_takes_it_back() -> None:
+    first, second = (ServerThread(create_app(SimulatorConfig(data=TRAIN_FILES))).start() for _ in range(2))
+    settings = Settings(planner_llm_url=f"{first.url},{second.url}", llm_health_interval_s=0.1)
+    with replicas_for_role(LLMRole.PLANNER, settings) as planner:
+        key = next(k for k in (uuid.uuid4().hex for _ in range(100)) if planner.order(k)[0].label == replica_label(first.url))
+        first.stop()  # no request fails: only the health check can notice
+        wait_until(lambda: planner.order(key)[0].label == replica_label(second.url))
+        revived = ServerThread(create_app(SimulatorConfig(data=TRAIN_FILES)), port=first.port).start()
+        wait_until(lambda: planner.order(key)[0].label == replica_label(first.url))
+    revived.stop()
+    second.stop()
 
 
 def busy_app(hits: list[str]) -> Starlette:
