@@ -11,7 +11,8 @@ Usage::
 
     from shared.llm import build_role_request, client_for_role
 
-    client = client_for_role(LLMRole.PLANNER, settings)        # one per worker process
+    replicas = replicas_for_role(LLMRole.PLANNER, settings)     # one per worker process
+    client = replicas.for_task(task_id.hex)                      # this task's replica
     request = build_role_request(
         LLMRole.PLANNER, prompt, tools=tools, settings=settings, constrained=settings.constrained, rid="t1-s3"
     )
@@ -28,6 +29,7 @@ from shared.constraints import caller_ebnf, planner_regex
 from shared.context_window import cut_text_to_tokens, max_prompt_tokens, prompt_budget
 from shared.prompts import STOP_SEQUENCE, ToolDoc
 from shared.redaction import install_log_redaction, secrets_redactor
+from shared.replicas import ReplicaSet, RoutedClient
 from shared.roles import LLMRole
 from shared.settings import Settings
 from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient, SGLangRequestError
@@ -37,11 +39,15 @@ __all__ = [
     "build_role_request",
     "client_for_role",
     "fit_to_context",
+    "replicas_for_role",
     "role_constraint",
     "server_constraint_kinds",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: What a role's requests go through: one server's client, a replica set, or a set bound to one task.
+LLMEndpoint = SGLangClient | ReplicaSet | RoutedClient
 
 #: A worker's pool never shrinks below this, so SGLang always has requests to batch.
 MIN_CONNECTIONS = 64
@@ -60,7 +66,7 @@ DEFAULT_GRAMMAR_BACKEND = "xgrammar"
 ALL_CONSTRAINT_KINDS = GRAMMAR_BACKEND_KINDS[DEFAULT_GRAMMAR_BACKEND]
 
 
-def server_constraint_kinds(client: SGLangClient, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
+def server_constraint_kinds(client: LLMEndpoint, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
     """The constraint kinds ``role``'s SGLang server can compile, from its ``--grammar-backend``.
 
     The caller's grammar is EBNF, which only ``xgrammar`` and ``llguidance`` compile; on
@@ -144,27 +150,52 @@ def build_role_request(
     return GenerateRequest(text=prompt, sampling_params=SamplingParams(**params), rid=rid)
 
 
-def client_for_role(role: LLMRole, settings: Settings) -> SGLangClient:
-    """A client for ``role``'s SGLang server with the configured timeouts, retries and API key.
+def client_for_role(
+    role: LLMRole, settings: Settings, *, url: str | None = None, max_retries: int | None = None
+) -> SGLangClient:
+    """A client for ``role``'s SGLang server (``url``: one of its replicas) with the configured timeouts, retries and API key.
 
-    Every secret of the settings is masked in its errors, and in what httpx logs.
+    Every secret of the settings is masked in its errors, and in what httpx logs. Without
+    ``url`` the role must have one server; :func:`replicas_for_role` serves several.
     """
+    if url is None:
+        urls = settings.llm_urls(role)
+        if len(urls) > 1:
+            raise ValueError(f"{role.value} has {len(urls)} SGLang replicas: use replicas_for_role")
+        url = urls[0]
     api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key is not None else None
     redactor = secrets_redactor(settings)
     install_log_redaction(redactor)
     return SGLangClient(
-        settings.llm_url(role),
+        url,
         api_key=api_key,
         timeout=LLMTimeout(connect=settings.llm_connect_timeout_s, read=settings.llm_read_timeout_s),
-        max_retries=settings.llm_max_retries,
+        max_retries=settings.llm_max_retries if max_retries is None else max_retries,
         backoff_s=settings.llm_backoff_s,
         max_connections=max(MIN_CONNECTIONS, settings.worker_concurrency),
         redactor=redactor,
     )
 
 
+def replicas_for_role(role: LLMRole, settings: Settings) -> ReplicaSet:
+    """``role``'s SGLang replicas (``UMI_<ROLE>_LLM_URL``, comma-separated) or router (``UMI_LLM_ROUTER``).
+
+    Each replica's client sends one attempt; the set retries with the configured policy,
+    each retry on the task's next replica (see :mod:`shared.replicas`).
+    """
+    clients = [client_for_role(role, settings, url=url, max_retries=0) for url in settings.llm_urls(role)]
+    return ReplicaSet(
+        role.value,
+        clients,
+        retry=clients[0].retry.model_copy(update={"max_retries": settings.llm_max_retries}),
+        health_interval_s=settings.llm_health_interval_s,
+        routing=settings.llm_routing,
+        router=settings.llm_router,
+    )
+
+
 def fit_to_context(
-    client: SGLangClient, request: GenerateRequest, *, context_length: int, deadline: float | None = None
+    client: LLMEndpoint, request: GenerateRequest, *, context_length: int, deadline: float | None = None
 ) -> GenerateRequest:
     """Cut an over-long prompt from the left so prompt + ``max_new_tokens`` fits the context.
 
@@ -173,13 +204,18 @@ def fit_to_context(
     by the server; if it does not fit, its last tokens are sent as ``input_ids`` — as the
     α-UMi reference keeps ``tokens[-max_len:]``. Where the server has no ``/tokenize``
     route (an SGLang router, a gateway), the prompt's tail is cut by the byte bound and
-    sent as text: shorter than the exact cut, never too long.
+    sent as text: shorter than the exact cut, never too long. In router mode
+    (``client.serves_tokenize`` false) ``/tokenize`` is not even asked.
     """
     assert request.text is not None
     max_new_tokens = request.sampling_params.max_new_tokens or 0
     budget = prompt_budget(context_length, max_new_tokens)
     if max_prompt_tokens(request.text) <= budget:
         return request
+    if not client.serves_tokenize:
+        cut = cut_text_to_tokens(request.text, budget)
+        logger.info("router at %s serves no /tokenize: prompt cut by its byte count to %d characters", client.base_url, len(cut))
+        return request.model_copy(update={"text": cut})
     try:
         tokenized = client.tokenize(request.text, deadline=deadline)
     except SGLangRequestError as exc:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 
 from shared.lifecycle import EndReason
-from shared.llm import ALL_CONSTRAINT_KINDS, build_role_request, client_for_role, fit_to_context, server_constraint_kinds
+from shared.llm import ALL_CONSTRAINT_KINDS, build_role_request, fit_to_context, replicas_for_role, server_constraint_kinds
 from shared.metrics import RetryKind, observe_llm_request, observe_llm_tokens, observe_retries
 from shared.models import TaskMode, utcnow
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
@@ -27,18 +27,19 @@ from shared.prompts import (
     normalize_output,
     normalize_static_output,
 )
+from shared.replicas import ReplicaSet, RoutedClient
 from shared.roles import LLMRole
 from shared.schemas import StepJob
-from shared.sglang_client import GenerateRequest, GenerateResult, SGLangClient, SGLangError
+from shared.sglang_client import GenerateRequest, GenerateResult, SGLangError
 
 __all__ = ["constraint_kinds", "grammar_backend_check", "llm_client", "run_llm_step"]
 
 logger = logging.getLogger(__name__)
 
 
-def llm_client(rt: Runtime, role: LLMRole) -> SGLangClient:
-    """The (shared, thread-safe) client for ``role``'s SGLang server in this process."""
-    return rt.resource(f"llm:{role.value}", lambda: client_for_role(role, rt.settings))
+def llm_client(rt: Runtime, role: LLMRole) -> ReplicaSet:
+    """The (shared, thread-safe) replicas of ``role``'s SGLang server in this process."""
+    return rt.resource(f"llm:{role.value}", lambda: replicas_for_role(role, rt.settings))
 
 
 def constraint_kinds(rt: Runtime, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
@@ -76,7 +77,7 @@ def grammar_backend_check(role: LLMRole) -> Callable[[Runtime], None]:
     return check
 
 
-def _generate(client: SGLangClient, request: GenerateRequest, role: LLMRole, *, deadline: float) -> GenerateResult:
+def _generate(client: RoutedClient, request: GenerateRequest, role: LLMRole, *, deadline: float) -> GenerateResult:
     """One ``/generate`` request, counted in the LLM metrics (duration, outcome, tokens, retries)."""
     started = time.monotonic()
     try:
@@ -121,7 +122,7 @@ def run_llm_step(
     )
     started = time.monotonic()
     started_at = utcnow()
-    client = llm_client(rt, llm_role)
+    client = llm_client(rt, llm_role).for_task(job.task_id.hex)  # every step of a task on the same replica
     # The static evaluation keeps outputs as GLPFT's infer_pipeline does and never asks again.
     static = context.task.mode == TaskMode.STATIC_STEP
     generations = PLANNER_MAX_GENERATIONS if llm_role is LLMRole.PLANNER and not static else 1

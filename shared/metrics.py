@@ -138,6 +138,14 @@ LLM_REQUEST_DURATION = Histogram(
 LLM_TOKENS = Counter(
     "umi_llm_tokens_total", "Tokens of the SGLang requests, by kind: prompt, completion, cached (prompt tokens from the prefix cache).", ["role", "kind"]
 )
+LLM_REPLICA_REQUESTS = Counter(
+    "umi_llm_replica_requests_total",
+    "HTTP attempts of SGLang requests per replica (host:port) of a role; outcome ok or error.",
+    ["role", "replica", "outcome"],
+)
+LLM_REPLICA_UP = Gauge(
+    "umi_llm_replica_up", "1 while a role's SGLang replica (host:port) is taken as healthy, 0 while it is skipped.", ["role", "replica"]
+)
 TOOL_CALL_DURATION = Histogram(
     "umi_tool_call_duration_seconds",
     "Duration of each tool call run (all its backend attempts); outcome ok or error.",
@@ -296,6 +304,16 @@ def observe_llm_tokens(role: str, *, prompt: int, completion: int, cached: int) 
     """Add one request's tokens."""
     for kind, count in (("prompt", prompt), ("completion", completion), ("cached", cached)):
         LLM_TOKENS.labels(role=role, kind=kind).inc(count)
+
+
+def observe_replica_request(role: str, replica: str, *, ok: bool) -> None:
+    """Count one HTTP attempt on one SGLang replica."""
+    LLM_REPLICA_REQUESTS.labels(role=role, replica=replica, outcome="ok" if ok else "error").inc()
+
+
+def set_replica_up(role: str, replica: str, up: bool) -> None:
+    """Record whether a replica is taken as healthy."""
+    LLM_REPLICA_UP.labels(role=role, replica=replica).set(1 if up else 0)
 
 
 def observe_tool_call(backend: str | None, duration_s: float, *, ok: bool) -> None:

@@ -7,14 +7,15 @@ Usage::
     from shared.settings import get_settings
     settings = get_settings()
     settings.broker_url          # UMI_BROKER_URL
-    settings.llm_url(Role.PLANNER)   # UMI_PLANNER_LLM_URL
+    settings.llm_url(Role.PLANNER)   # UMI_PLANNER_LLM_URL (as given, normalised)
+    settings.llm_urls(Role.PLANNER)  # its replicas' base URLs, a list
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from kombu.utils.url import maybe_sanitize_url
@@ -32,6 +33,14 @@ DEFAULT_DATABASE_URL = "sqlite:///.umi/umi.db"
 
 class ConfigurationError(RuntimeError):
     """The environment holds a setting that cannot work; the message names it."""
+
+
+def _http_url(value: str) -> str:
+    """``value`` without a trailing slash, if it is an ``http(s)://host[:port]`` URL."""
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError(f"must be an http(s)://host:port URL, got {maybe_sanitize_url(value)!r}")
+    return value.rstrip("/")
 
 
 class Settings(BaseSettings):
@@ -56,10 +65,18 @@ class Settings(BaseSettings):
     #: off by default: every step would cost an event message more.
     task_events: bool = False
 
-    # --- SGLang servers, one per LLM role ----------------------------------
+    # --- SGLang servers per LLM role (comma-separated replicas, see shared/replicas.py) ----
     planner_llm_url: str = "http://127.0.0.1:30001"
     caller_llm_url: str = "http://127.0.0.1:30002"
     summarizer_llm_url: str = "http://127.0.0.1:30003"
+    #: Each role's URL is one SGLang router (sgl-router / SGLang Model Gateway): the task id goes
+    #: as its ``X-SMG-Routing-Key`` header and ``/tokenize`` (which a router does not serve) is never asked.
+    llm_router: bool = False
+    #: How a role's replicas are chosen: ``task`` (every step of a task on the same replica,
+    #: rendezvous hashing on the task id) or ``round_robin`` (each request on the next; for comparisons).
+    llm_routing: Literal["task", "round_robin"] = "task"
+    #: How often each replica's ``GET /health`` is asked (where a role has several).
+    llm_health_interval_s: float = Field(default=5.0, gt=0)
     #: Sent as ``Authorization: Bearer`` when the SGLang servers run with ``--api-key``.
     llm_api_key: SecretStr | None = None
     llm_connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -154,15 +171,21 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a sqlite:/// or postgresql:// URL, got scheme {scheme!r}")
         return value
 
-    @field_validator("planner_llm_url", "caller_llm_url", "summarizer_llm_url", "gateway_url", "tools_virtual_url")
+    @field_validator("planner_llm_url", "caller_llm_url", "summarizer_llm_url")
+    @classmethod
+    def _check_llm_urls(cls, value: str) -> str:
+        urls = [url.strip() for url in value.split(",")]
+        if not all(urls):
+            raise ValueError("must be one or more comma-separated http(s)://host:port URLs, got an empty entry")
+        checked = [_http_url(url) for url in urls]
+        if len(set(checked)) != len(checked):
+            raise ValueError("lists a replica twice")
+        return ",".join(checked)
+
+    @field_validator("gateway_url", "tools_virtual_url")
     @classmethod
     def _check_http(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.netloc:
-            raise ValueError(f"must be an http(s)://host:port URL, got {maybe_sanitize_url(value)!r}")
-        return value.rstrip("/")
+        return None if value is None else _http_url(value)
 
     @model_validator(mode="after")
     def _check_context(self) -> Settings:
@@ -178,8 +201,20 @@ class Settings(BaseSettings):
             raise ValueError(f"UMI_TOOLS_MIRROR: file not found: {self.tools_mirror}")
         return self
 
+    @model_validator(mode="after")
+    def _check_router(self) -> Settings:
+        if self.llm_router:
+            for role in LLMRole:
+                if len(self.llm_urls(role)) > 1:
+                    raise ValueError(f"UMI_{role.value.upper()}_LLM_URL: UMI_LLM_ROUTER=true takes one router URL per role, got several")
+        return self
+
+    def llm_urls(self, role: LLMRole) -> list[str]:
+        """The base URLs of ``role``'s SGLang replicas (one entry: one server, or a router)."""
+        return self.llm_url(role).split(",")
+
     def llm_url(self, role: LLMRole) -> str:
-        """The SGLang base URL for one LLM role."""
+        """``role``'s ``UMI_<ROLE>_LLM_URL``: its replicas' base URLs, comma-separated."""
         return {
             LLMRole.PLANNER: self.planner_llm_url,
             LLMRole.CALLER: self.caller_llm_url,

@@ -509,6 +509,9 @@ class SGLangClient:
     * ``transport`` - an httpx transport to use instead of the network (tests).
     """
 
+    #: A single SGLang server serves ``/tokenize`` (a router does not; see :mod:`shared.replicas`).
+    serves_tokenize = True
+
     def __init__(
         self,
         base_url: str,
@@ -551,15 +554,18 @@ class SGLangClient:
 
     # -- public API ---------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest, *, deadline: float | None = None) -> GenerateResult:
+    def generate(
+        self, request: GenerateRequest, *, deadline: float | None = None, headers: Mapping[str, str] | None = None
+    ) -> GenerateResult:
         """Run one generation, retrying transient failures.
 
         ``deadline`` is a ``time.monotonic()`` value bounding the whole call,
         retries and backoff included; each attempt's timeouts shrink to the time
-        left. Raises an :class:`SGLangError` subclass (with ``.attempts``).
+        left. ``headers`` are sent with this request only (an SGLang router's
+        ``X-SMG-Routing-Key``). Raises an :class:`SGLangError` subclass (with ``.attempts``).
         """
         started = time.monotonic()
-        response, attempts = self._call("/generate", request.to_body(), deadline)
+        response, attempts = self._call("/generate", request.to_body(), deadline, headers=headers)
         url = self.base_url + "/generate"
         try:
             return _parse_generate(
@@ -586,9 +592,19 @@ class SGLangClient:
             message = f"unexpected server info: {_or_empty(response.text)}"
             raise SGLangProtocolError(response.status_code, message, url=url, redact=self._redact) from exc
 
-    def tokenize(self, text: str, *, deadline: float | None = None) -> TokenizeResult:
+    def health(self, *, timeout_s: float = 2.0) -> bool:
+        """``GET /health`` answered 2xx within ``timeout_s`` (SGLang: the server can generate); never raises."""
+        try:
+            self._attempt(self.base_url + "/health", None, timeout_s, method="GET")
+        except SGLangError:
+            return False
+        return True
+
+    def tokenize(
+        self, text: str, *, deadline: float | None = None, headers: Mapping[str, str] | None = None
+    ) -> TokenizeResult:
         """``POST /tokenize``: the prompt's token ids as the server's tokenizer sees them."""
-        response, _ = self._call("/tokenize", {"prompt": text}, deadline)
+        response, _ = self._call("/tokenize", {"prompt": text}, deadline, headers=headers)
         try:
             return TokenizeResult.model_validate(_decode_body(response))
         except ValidationError as exc:
@@ -611,7 +627,9 @@ class SGLangClient:
 
     # -- retries --------------------------------------------------------------------
 
-    def _call(self, path: str, body: dict[str, Any], deadline: float | None) -> tuple[httpx.Response, int]:
+    def _call(
+        self, path: str, body: dict[str, Any], deadline: float | None, *, headers: Mapping[str, str] | None = None
+    ) -> tuple[httpx.Response, int]:
         """POST until a 2xx answer, retrying transient failures; returns the response and the attempt count."""
         url = self.base_url + path
         if deadline is not None and deadline <= time.monotonic():
@@ -620,7 +638,7 @@ class SGLangClient:
         def attempt(number: int) -> tuple[httpx.Response, int]:
             remaining = None if deadline is None else deadline - time.monotonic()
             try:
-                return self._attempt(url, _retry_rid(body, number), remaining), number
+                return self._attempt(url, _retry_rid(body, number), remaining, extra_headers=headers), number
             except SGLangError as exc:
                 exc.attempts = number
                 raise
@@ -634,14 +652,21 @@ class SGLangClient:
         return self.retry.call(attempt, transient=_is_retryable, deadline=deadline, on_retry=log_retry)
 
     def _attempt(
-        self, url: str, body: dict[str, Any] | None, remaining: float | None, *, method: str = "POST"
+        self,
+        url: str,
+        body: dict[str, Any] | None,
+        remaining: float | None,
+        *,
+        method: str = "POST",
+        extra_headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """One HTTP exchange; a non-2xx answer is raised as an :class:`SGLangResponseError`."""
         content = None if body is None else json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
-        headers = {"Content-Type": "application/json"} if content is not None else None
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        headers.update(extra_headers or {})
         try:
             response = self._http.request(
-                method, url, content=content, headers=headers, timeout=self.timeout.capped(remaining)
+                method, url, content=content, headers=headers or None, timeout=self.timeout.capped(remaining)
             )
         except httpx.TimeoutException as exc:
             message = f"SGLang at {url}: {type(exc).__name__} ({exc or 'timed out'})"

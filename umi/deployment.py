@@ -41,23 +41,30 @@ class Deployment:
         log_dir: Path,
         simulator: dict[str, Any] | None = None,
         settings: dict[str, Any] | None = None,
+        replicas: int = 1,
     ) -> None:
         """``simulator`` are simulator config fields (``data`` replaces the bundled trajectories);
-        ``settings`` are extra settings fields, given to the workers as ``UMI_*`` variables too."""
+        ``settings`` are extra settings fields, given to the workers as ``UMI_*`` variables too;
+        ``replicas`` simulators per role (each its own prefix cache), listed in ``UMI_<ROLE>_LLM_URL``."""
         self.log_dir = log_dir
-        self.simulators = {
-            role: ServerThread(create_simulator(SimulatorConfig.model_validate({"data": [TRAJECTORIES], "role": role.value, **(simulator or {})})))
+        config = {"data": [TRAJECTORIES], **(simulator or {})}
+        #: Every role's simulator replicas; ``simulators`` holds the first of each.
+        self.replicas = {
+            role: [
+                ServerThread(create_simulator(SimulatorConfig.model_validate({"role": role.value, **config}))).start()
+                for _ in range(replicas)
+            ]
             for role in LLMRole
         }
-        for server in self.simulators.values():
-            server.start()
+        self.simulators = {role: servers[0] for role, servers in self.replicas.items()}
+        llm_urls = {role: ",".join(server.url for server in servers) for role, servers in self.replicas.items()}
         self.env = {
             "UMI_BROKER_URL": rabbitmq_url,
             "UMI_DATABASE_URL": postgres_url,
             "UMI_QUEUE_PREFIX": f"umi{uuid.uuid4().hex[:6]}",
             "UMI_TOOLS_MIRROR": str(TRAJECTORIES),
             "UMI_LLM_BACKOFF_S": "0.05",
-            **{f"UMI_{role.value.upper()}_LLM_URL": server.url for role, server in self.simulators.items()},
+            **{f"UMI_{role.value.upper()}_LLM_URL": urls for role, urls in llm_urls.items()},
             **{f"UMI_{name.upper()}": str(value) for name, value in (settings or {}).items()},
         }
         self.settings: Settings = load_settings(
@@ -65,7 +72,7 @@ class Deployment:
             database_url=postgres_url,
             queue_prefix=self.env["UMI_QUEUE_PREFIX"],
             tools_mirror=TRAJECTORIES,
-            **{f"{role.value}_llm_url": server.url for role, server in self.simulators.items()},
+            **{f"{role.value}_llm_url": urls for role, urls in llm_urls.items()},
             **(settings or {}),
         )
         self.topology = Topology(self.settings)
@@ -192,5 +199,6 @@ class Deployment:
                 process.kill()
         self.http.close()
         self.gateway.stop()
-        for server in self.simulators.values():
-            server.stop()
+        for servers in self.replicas.values():
+            for server in servers:
+                server.stop()
