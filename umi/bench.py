@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -144,6 +144,13 @@ class Machine(BaseModel):
     when: str
 
 
+class RssSample(BaseModel):
+    """Each worker process's RSS (MiB, by ``role:pid``) ``elapsed_s`` into a run."""
+
+    elapsed_s: float
+    mib: dict[str, float]
+
+
 class ProductRun(BaseModel):
     """Tasks through the product: throughput and the stored steps' timings."""
 
@@ -171,9 +178,12 @@ class ProductRun(BaseModel):
     step_by_role: dict[str, Percentiles]
     end_to_end: Percentiles
     #: CPU seconds used during the run, per worker process (``role:pid``) and by this process
-    #: (``bench``: gateway, simulators and the load generator), and the same per stored step in ms
+    #: (``bench``: gateway, simulators and the load generator); in ms per step of the worker's
+    #: role (``bench``: per stored step)
     cpu_s: dict[str, float] = Field(default_factory=dict)
     cpu_ms_per_step: dict[str, float] = Field(default_factory=dict)
+    #: each worker's RSS every 10 s of the run
+    rss_samples: list[RssSample] = Field(default_factory=list)
 
 
 class HopRun(BaseModel):
@@ -202,6 +212,8 @@ class Memory(BaseModel):
 
     start_mib: dict[str, float]
     before_mib: dict[str, float]
+    #: halfway through the loaded run (the 10 s sample nearest its middle; empty for short runs)
+    mid_mib: dict[str, float] = Field(default_factory=dict)
     after_mib: dict[str, float]
 
     @property
@@ -222,6 +234,12 @@ class BenchReport(BaseModel):
     dead_letters: int
     memory: Memory
     ratios: dict[str, float | None]
+
+    @property
+    def not_succeeded(self) -> int:
+        """Tasks of the product runs (one in flight and loaded) that did not succeed."""
+        runs = (self.one_in_flight, self.loaded)
+        return sum(n for run in runs for status, n in run.statuses.items() if status != TaskStatus.SUCCEEDED.value)
 
 
 # --- the stack ---------------------------------------------------------------------------
@@ -274,11 +292,22 @@ def _records() -> list[dict[str, Any]]:
 
 
 # --- the product ---------------------------------------------------------------------------
-def drive_product(system: Deployment, records: list[dict[str, Any]], *, tasks: int, concurrency: int, poll_s: float) -> tuple[list[uuid.UUID], float]:
+def drive_product(
+    system: Deployment,
+    records: list[dict[str, Any]],
+    *,
+    tasks: int,
+    concurrency: int,
+    poll_s: float,
+    on_interval: Callable[[float], None] | None = None,
+    interval_s: float = 10.0,
+) -> tuple[list[uuid.UUID], float]:
     """Submit ``tasks`` tasks keeping ``concurrency`` in flight; their ids and the wall time.
 
-    Tasks in flight are followed with one query per ``poll_s`` for all of them.
+    Tasks in flight are followed with one query per ``poll_s`` for all of them;
+    ``on_interval(elapsed_s)`` is called every ``interval_s`` (memory samples).
     """
+    next_call = interval_s
     engine = get_engine(system.settings.database_url)
     pending: set[uuid.UUID] = set()
     done: list[uuid.UUID] = []
@@ -295,6 +324,9 @@ def drive_product(system: Deployment, records: list[dict[str, Any]], *, tasks: i
             finished = session.exec(select(Task.id).where(col(Task.id).in_(pending), col(Task.status).in_(terminal))).all()
         pending.difference_update(finished)
         done.extend(finished)
+        if on_interval is not None and time.monotonic() - started >= next_call:
+            on_interval(time.monotonic() - started)
+            next_call += interval_s
     return done, time.monotonic() - started
 
 
@@ -376,13 +408,20 @@ def _mean_wait(before: dict[str, tuple[float, float]], after: dict[str, tuple[fl
 def run_product(system: Deployment, records: list[dict[str, Any]], *, tasks: int, concurrency: int, latency: str, options: BenchOptions) -> ProductRun:
     waits = queue_wait_totals(system)
     cpu = cpu_seconds(system)
-    ids, wall = drive_product(system, records, tasks=tasks, concurrency=concurrency, poll_s=options.poll_s)
+    samples: list[RssSample] = []
+    ids, wall = drive_product(
+        system, records, tasks=tasks, concurrency=concurrency, poll_s=options.poll_s,
+        on_interval=lambda elapsed: samples.append(RssSample(elapsed_s=elapsed, mib=worker_rss_mib(system))),
+    )
     cpu_after = cpu_seconds(system)
     run = product_figures(
         system, ids, wall, latency=latency, concurrency=concurrency, threads=options.threads, queue_wait=_mean_wait(waits, queue_wait_totals(system))
     )
+    run.rss_samples = samples
     run.cpu_s = {name: cpu_after[name] - cpu.get(name, 0.0) for name in cpu_after}
-    run.cpu_ms_per_step = {name: 1000 * used / max(1, run.steps) for name, used in run.cpu_s.items()}
+    # A worker's CPU per step of its own role; this process's per stored step of any role.
+    steps = {name: run.step_by_role[name.split(":")[0]].count if name.split(":")[0] in run.step_by_role else run.steps for name in run.cpu_s}
+    run.cpu_ms_per_step = {name: 1000 * used / max(1, steps[name]) for name, used in run.cpu_s.items()}
     return run
 
 
@@ -550,7 +589,8 @@ def run_bench(options: BenchOptions, *, log: Any = print) -> BenchReport:
             memory_before = worker_rss_mib(system)  # after the warm-up: the worker threads have all served
             log(f"{options.tasks} tasks, {options.concurrency} in flight ({options.latency} latency)")
             loaded = run_product(system, records, tasks=options.tasks, concurrency=options.concurrency, latency=options.latency, options=options)
-            memory = Memory(start_mib=memory_start, before_mib=memory_before, after_mib=worker_rss_mib(system))
+            middle = min(loaded.rss_samples, key=lambda sample: abs(sample.elapsed_s - loaded.wall_s / 2), default=None)
+            memory = Memory(start_mib=memory_start, before_mib=memory_before, mid_mib=middle.mib if middle else {}, after_mib=worker_rss_mib(system))
             dead_letters = dead_letter_count(system)
             ideal = bare_one = bare_loaded = ceiling = None
             if options.compare:
@@ -634,7 +674,7 @@ def format_report(report: BenchReport) -> str:
                 lines.append(f"  {role:<10} work  {_dist(run.work_by_role[role])}")
         lines += [
             f"  task end-to-end   {_dist(run.end_to_end)}",
-            "  CPU ms per step   " + ", ".join(f"{name.split(':')[0]} {value:.1f}" for name, value in run.cpu_ms_per_step.items())
+            "  CPU ms per step (a worker: per step of its role; bench: per step)   " + ", ".join(f"{name.split(':')[0]} {value:.1f}" for name, value in run.cpu_ms_per_step.items())
             + f"  (these processes kept {sum(run.cpu_s.values()) / run.wall_s:.2f} of {os.cpu_count()} cores busy)",
             "",
         ]
@@ -655,10 +695,11 @@ def format_report(report: BenchReport) -> str:
         f"  b. throughput ÷ ideal in-process loop:            {_ratio(r['throughput_over_ideal'])}",
         f"  c. zero-latency ceiling ÷ bare Celery hop rate:   {_ratio(r['ceiling_over_bare_hop_rate'])}",
         "",
-        f"errors    tasks not succeeded: {sum(n for s, n in report.loaded.statuses.items() if s != TaskStatus.SUCCEEDED.value)}; dead letters: {report.dead_letters}",
-        "memory    worker RSS MiB at start / after warm-up → end: "
-        + ", ".join(
-            f"{name} {report.memory.start_mib.get(name, 0):.0f} / {report.memory.before_mib[name]:.0f} → {report.memory.after_mib.get(name, 0):.0f} ({growth.get(name, 0):+.1%})"
+        f"errors    tasks not succeeded: {report.not_succeeded}; dead letters: {report.dead_letters}",
+        "memory    worker RSS MiB at start / after warm-up → halfway → end (growth warm-up → end):",
+        *(
+            f"  {name:<18} {report.memory.start_mib.get(name, 0):.0f} / {report.memory.before_mib[name]:.0f}"
+            f" → {report.memory.mid_mib.get(name, 0):.0f} → {report.memory.after_mib.get(name, 0):.0f} ({growth.get(name, 0):+.1%})"
             for name in report.memory.before_mib
         ),
     ]
@@ -686,7 +727,7 @@ def plot_report(report: BenchReport, path: Path) -> None:
     left.set_xscale("log")
     left.set_xlabel("ms (log)")
     left.set_title(f"latencies, {run.latency} simulator latency, {run.concurrency} tasks in flight")
-    left.legend()
+    left.legend(loc="center right")  # the hop rows leave that corner empty
     bars = [(f"product ({run.latency})", run.steps_per_s)]
     if report.ideal:
         bars.append((f"ideal loop ({report.ideal.latency})", report.ideal.steps_per_s))
@@ -694,8 +735,10 @@ def plot_report(report: BenchReport, path: Path) -> None:
         bars.append(("product, zero latency", report.ceiling.steps_per_s))
     if report.bare_loaded:
         bars.append((f"bare hops ({report.bare_loaded.chains} chains)", report.bare_loaded.hops_per_s))
-    right.bar([name for name, _ in bars], [value for _, value in bars], color="tab:green")
-    right.set_ylabel("steps/s (hops/s)")
+    drawn = right.bar([name for name, _ in bars], [value for _, value in bars], color="tab:green")
+    right.bar_label(drawn, fmt="%.1f")
+    right.set_yscale("log")
+    right.set_ylabel("steps/s (hops/s), log")
     right.set_title(f"throughput, {run.concurrency} in flight")
     right.tick_params(axis="x", labelrotation=15)
     m = report.machine

@@ -240,8 +240,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         write_json(report, args.json)
     if args.plot:
         plot_report(report, args.plot)
-    errors = sum(n for status, n in report.loaded.statuses.items() if status != TaskStatus.SUCCEEDED.value) + report.dead_letters
-    return 1 if errors else 0
+    return 1 if report.not_succeeded or report.dead_letters else 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
