@@ -11,6 +11,7 @@
     umi db upgrade | umi broker declare | umi dlq list
     umi keys create --tenant NAME [--rate-per-s X --burst N --max-in-flight N] | umi keys revoke KEY-OR-ID | umi keys list
     umi schema ingress                         the ingress envelope's JSON Schema
+    umi bench [--tasks N --concurrency C --latency none|realistic] [--load] [--json PATH] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -203,7 +204,43 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list = dlq_sub.add_parser("list", help="show dead letters and why (they stay queued)")
     dlq_list.add_argument("--limit", type=int, default=20)
     dlq_list.set_defaults(func=_cmd_dlq_list)
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: Any) -> None:
+    """``umi bench``: the benchmark harness and load test (logic in umi/bench.py)."""
+    bench = sub.add_parser("bench", help="benchmark on the local RabbitMQ/PostgreSQL with simulators: ratios against a bare Celery hop and an in-process loop")
+    bench.add_argument("--tasks", type=int, default=None, help="tasks of the throughput run (default 100; --load: 2000)")
+    bench.add_argument("--concurrency", type=int, default=16, help="tasks in flight")
+    bench.add_argument("--latency", choices=["none", "realistic"], default=None, help="simulator latency profile (default none; --load: realistic)")
+    bench.add_argument("--worker-threads", type=int, default=None, help="threads per role worker (default max(8, concurrency))")
+    bench.add_argument("--one-tasks", type=int, default=10, help="tasks run one at a time for the per-hop latency")
+    bench.add_argument("--load", action="store_true", help="the load test: 2000 realistic tasks, percentiles, errors, memory; no references")
+    bench.add_argument("--no-compare", action="store_true", help="skip the references (bare Celery hop, ideal loop, zero-latency ceiling)")
+    bench.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    bench.add_argument("--plot", type=Path, default=None, help="also draw the report (PNG; needs matplotlib)")
+    bench.set_defaults(func=_cmd_bench, loglevel="WARNING")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from umi.bench import BenchOptions, format_report, plot_report, run_bench, write_json
+
+    options = BenchOptions(
+        tasks=args.tasks or (2000 if args.load else 100),
+        concurrency=args.concurrency,
+        latency=args.latency or ("realistic" if args.load else "none"),
+        worker_threads=args.worker_threads,
+        one_tasks=args.one_tasks,
+        compare=not (args.load or args.no_compare),
+    )
+    report = run_bench(options, log=lambda line: print(f"umi bench: {line}", file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        plot_report(report, args.plot)
+    return 1 if report.not_succeeded or report.dead_letters else 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

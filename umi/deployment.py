@@ -7,27 +7,56 @@ simulator standing in for the three GPU servers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 from kombu import Connection
 
 from services.gateway.app import create_app as create_gateway
 from services.simulator import SimulatorConfig
 from services.simulator import create_app as create_simulator
 from shared.asgi import ServerThread, free_port
+from shared.db import get_engine, upgrade_schema
 from shared.example_data import BUNDLED_TRAJECTORIES as TRAJECTORIES
 from shared.lifecycle import TERMINAL_STATUSES
 from shared.roles import LLMRole, StepRole
 from shared.settings import Settings, load_settings
 from shared.topology import QUEUE_ROLES, Topology
+
+#: The local servers' admin connections (trust auth, the guest user), as on the development machine.
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+RABBITMQ_LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672"
+
+
+@contextlib.contextmanager
+def scratch_backends(prefix: str = "umi-scratch") -> Iterator[tuple[str, str]]:
+    """A new vhost on the local RabbitMQ and a new migrated database on the local PostgreSQL,
+    both removed afterwards: (broker URL, database URL)."""
+    vhost = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    database = vhost.replace("-", "_")
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True)
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    postgres_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+    try:
+        upgrade_schema(postgres_url)
+        yield f"{RABBITMQ_LOCAL_URL}/{vhost}", postgres_url
+    finally:
+        get_engine(postgres_url).dispose()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
 
 
 class Deployment:
