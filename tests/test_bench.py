@@ -17,15 +17,16 @@ def test_umi_bench_reports_every_figure(tmp_path: Path) -> None:
     report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     run = subprocess.run(
         [sys.executable, "-m", "umi", "bench", "--tasks", "3", "--concurrency", "2", "--one-tasks", "1",
-         "--latency", "none", "--json", str(report_path), "--plot", str(plot_path)],
+         "--replicas", "2", "--latency", "none", "--json", str(report_path), "--plot", str(plot_path)],
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "simulator" in run.stdout
+    assert "simulator" in run.stdout and "2 replica(s) per role" in run.stdout
     for line in ("a. hop at one task in flight", "b. throughput ÷ ideal", "c. zero-latency ceiling", "dead letters: 0"):
         assert line in run.stdout
 
     report = json.loads(report_path.read_text())
+    assert report["simulator_replicas"] == 2 and report["ideal"]["statuses"] == {"succeeded": 3}
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["memory_gib"] > 0
     assert machine["rabbitmq"][0].isdigit() and machine["postgresql"][0].isdigit() and machine["python"].startswith("3.")

@@ -70,6 +70,7 @@ from shared.prompts import (
     render_planner_prompt,
     render_summarizer_prompt,
 )
+from shared.replicas import rendezvous_order, replica_label
 from shared.roles import LLMRole, StepRole
 from shared.settings import Settings
 from umi.bench_hop import BROKER_URL_VARIABLE, DONE_QUEUE, HOP_QUEUE, create_hop_app, done_queue
@@ -103,6 +104,7 @@ class BenchOptions(BaseModel):
     bare_hops: int = Field(default=200, ge=2, description="hops per bare Celery chain")
     compare: bool = Field(default=True, description="run the references (bare hop, ideal loop, zero-latency ceiling)")
     poll_s: float = Field(default=0.01, gt=0, description="interval of the one query that follows the tasks in flight")
+    replicas: int = Field(default=1, ge=1, description="simulator replicas per LLM role (tasks routed by rendezvous hashing)")
 
     @property
     def threads(self) -> int:
@@ -244,13 +246,14 @@ class BenchReport(BaseModel):
 
 # --- the stack ---------------------------------------------------------------------------
 @contextlib.contextmanager
-def deployment(broker_url: str, postgres_url: str, *, latency: str, threads: int) -> Iterator[Deployment]:
+def deployment(broker_url: str, postgres_url: str, *, latency: str, threads: int, replicas: int = 1) -> Iterator[Deployment]:
     """The product on the throwaway backends: simulators, gateway, the four workers."""
     system = Deployment(
         rabbitmq_url=broker_url,
         postgres_url=postgres_url,
         log_dir=Path(tempfile.mkdtemp(prefix="umi-bench-")),
         simulator=LatencyProfile.preset(_profile(latency)).model_dump(),
+        replicas=replicas,
         # No API keys: auth costs one key lookup per submit at the gateway, nothing per step.
         settings={"auth": False},
     )
@@ -452,12 +455,13 @@ def dead_letter_count(system: Deployment) -> int:
 
 # --- the ideal loop --------------------------------------------------------------------------
 async def ideal_loop(
-    urls: dict[LLMRole, str], records: list[dict[str, Any]], *, tasks: int, concurrency: int, settings: Settings, executor: ToolExecutor
+    urls: dict[LLMRole, list[str]], records: list[dict[str, Any]], *, tasks: int, concurrency: int, settings: Settings, executor: ToolExecutor
 ) -> tuple[dict[str, int], int, float]:
     """Run the α-UMi loop in process: statuses, steps and wall time.
 
     The same prompts (``shared/prompts.py``), requests (``build_role_request``) and tool mirror
-    as the product, ``concurrency`` tasks at a time, nothing stored and nothing queued.
+    as the product, ``concurrency`` tasks at a time, nothing stored and nothing queued. With several
+    replicas per role, each task keeps to its home replica as the product routes it (rendezvous hashing).
     """
     statuses: dict[str, int] = {}
     steps = 0
@@ -465,27 +469,30 @@ async def ideal_loop(
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=5), limits=limits) as client:
 
-        async def generate(role: LLMRole, prompt: str, tools: list[ToolDoc]) -> str:
+        async def generate(role: LLMRole, prompt: str, tools: list[ToolDoc], key: str) -> str:
             request = build_role_request(role, prompt, tools=tools, settings=settings, constrained=True)
-            response = await client.post(f"{urls[role]}/generate", json=request.to_body())
+            home = rendezvous_order(key, [replica_label(url) for url in urls[role]])[0]
+            url = next(url for url in urls[role] if replica_label(url) == home)
+            response = await client.post(f"{url}/generate", json=request.to_body())
             response.raise_for_status()
             return normalize_output(role, str(response.json()["text"]))
 
         async def one_task(record: dict[str, Any]) -> tuple[str, int]:
             tools = [ToolDoc.model_validate(tool) for tool in record["tools"]]
             turns = [Turn(speaker=Speaker.USER, value=record["conversations"][0]["value"])]
+            key = uuid.uuid4().hex
             count = 0
             while count < IDEAL_MAX_STEPS:
-                decision = parse_planner_output(await generate(LLMRole.PLANNER, render_planner_prompt(tools, turns), tools))
+                decision = parse_planner_output(await generate(LLMRole.PLANNER, render_planner_prompt(tools, turns), tools, key))
                 turns.append(Turn(speaker=Speaker.ASSISTANT, value=decision.text))
                 count += 1
                 if decision.next is NextRole.GIVE_UP:
                     return TaskStatus.GAVE_UP.value, count
                 if decision.next is NextRole.CONCLUSION:
-                    answer = await generate(LLMRole.SUMMARIZER, render_summarizer_prompt(turns), tools)
+                    answer = await generate(LLMRole.SUMMARIZER, render_summarizer_prompt(turns), tools, key)
                     turns.append(Turn(speaker=Speaker.CONCLUSION, value=answer))
                     return TaskStatus.SUCCEEDED.value, count + 1
-                call = await generate(LLMRole.CALLER, render_caller_prompt(tools, turns), tools)
+                call = await generate(LLMRole.CALLER, render_caller_prompt(tools, turns), tools, key)
                 turns.append(Turn(speaker=Speaker.CALLER, value=call))
                 action = parse_caller_output(call)
                 outcome = executor.execute(action.action, action.action_input, tools, history=turns)
@@ -508,7 +515,7 @@ async def ideal_loop(
 
 
 def run_ideal(system: Deployment, records: list[dict[str, Any]], *, tasks: int, concurrency: int, latency: str) -> IdealRun:
-    urls = {role: server.url for role, server in system.simulators.items()}
+    urls = {role: [server.url for server in servers] for role, servers in system.replicas.items()}
     executor = build_executor(system.settings)
     statuses, steps, wall = asyncio.run(
         ideal_loop(urls, records, tasks=tasks, concurrency=concurrency, settings=system.settings, executor=executor)
@@ -579,7 +586,7 @@ def run_bench(options: BenchOptions, *, log: Any = print) -> BenchReport:
     with scratch_backends("umi-bench") as (broker_url, postgres_url):
         machine = machine_info(broker_url, postgres_url)
         log(f"machine: {machine.cores} cores, {machine.memory_gib} GiB, RabbitMQ {machine.rabbitmq}, PostgreSQL {machine.postgresql}, Python {machine.python}")
-        with deployment(broker_url, postgres_url, latency=options.latency, threads=options.threads) as system:
+        with deployment(broker_url, postgres_url, latency=options.latency, threads=options.threads, replicas=options.replicas) as system:
             memory_start = worker_rss_mib(system)
             log(f"one task in flight: {options.one_tasks} tasks ({options.latency} latency)")
             one = run_product(system, records, tasks=options.one_tasks, concurrency=1, latency=options.latency, options=options)
@@ -605,10 +612,11 @@ def run_bench(options: BenchOptions, *, log: Any = print) -> BenchReport:
         if options.compare and ceiling is None:
             log(f"zero-latency ceiling: {options.tasks} tasks, {options.concurrency} in flight")
             with scratch_backends("umi-bench") as (broker_url2, postgres_url2):
-                with deployment(broker_url2, postgres_url2, latency="none", threads=options.threads) as system2:
+                with deployment(broker_url2, postgres_url2, latency="none", threads=options.threads, replicas=options.replicas) as system2:
                     run_product(system2, records, tasks=min(options.tasks, options.concurrency), concurrency=options.concurrency, latency="none", options=options)
                     ceiling = run_product(system2, records, tasks=options.tasks, concurrency=options.concurrency, latency="none", options=options)
     return BenchReport(
+        simulator_replicas=options.replicas,
         machine=machine,
         options=options,
         one_in_flight=one,
@@ -654,7 +662,7 @@ def format_report(report: BenchReport) -> str:
     """The human-readable report."""
     m, o = report.machine, report.options
     lines = [
-        f"umi bench — {m.when} — simulator (not GPUs), {report.simulator_replicas} replica per role",
+        f"umi bench — {m.when} — simulator (not GPUs), {report.simulator_replicas} replica(s) per role",
         f"machine   {m.cores} cores, {m.memory_gib} GiB; RabbitMQ {m.rabbitmq}, PostgreSQL {m.postgresql}, Python {m.python}, Celery {m.celery}",
         f"options   --tasks {o.tasks} --concurrency {o.concurrency} --latency {o.latency} --worker-threads {o.threads} --one-tasks {o.one_tasks}",
         "",

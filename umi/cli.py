@@ -216,6 +216,7 @@ def _add_bench_parser(sub: Any) -> None:
     bench.add_argument("--latency", choices=["none", "realistic"], default=None, help="simulator latency profile (default none; --load: realistic)")
     bench.add_argument("--worker-threads", type=int, default=None, help="threads per role worker (default max(8, concurrency))")
     bench.add_argument("--one-tasks", type=int, default=10, help="tasks run one at a time for the per-hop latency")
+    bench.add_argument("--replicas", type=int, default=1, help="simulator replicas per LLM role (tasks keep to their replica)")
     bench.add_argument("--load", action="store_true", help="the load test: 2000 realistic tasks, percentiles, errors, memory; no references")
     bench.add_argument("--no-compare", action="store_true", help="skip the references (bare Celery hop, ideal loop, zero-latency ceiling)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
@@ -232,6 +233,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         latency=args.latency or ("realistic" if args.load else "none"),
         worker_threads=args.worker_threads,
         one_tasks=args.one_tasks,
+        replicas=args.replicas,
         compare=not (args.load or args.no_compare),
     )
     report = run_bench(options, log=lambda line: print(f"umi bench: {line}", file=sys.stderr, flush=True))
