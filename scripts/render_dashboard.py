@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> tuple[Dashboard, dict[tuple[int, str], list
         system = Deployment(
             rabbitmq_url=rabbitmq_url, postgres_url=postgres_url,
             log_dir=Path(tempfile.mkdtemp(prefix="umi-dash-")), simulator={"latency": args.latency},
+            settings={"auth": False},  # a throwaway deployment; the load needs no tenants
         )
         prometheus: PrometheusServer | None = None
         try:
