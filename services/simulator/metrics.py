@@ -64,6 +64,11 @@ class SimulatorMetrics:
         }
         for name, (doc, read) in gauge_specs.items():
             Gauge(name, doc, labels, registry=self.registry).labels(model_name).set_function(read)
+        # Every series exists at 0 from the start: one born at its first request hides that
+        # request's increase from rate() (no earlier sample), which a short load can lose entirely.
+        for metric in (self._prompt_tokens, self._generation_tokens, self._cached_tokens, self._requests,
+                       self._aborted, self._so_requests, self._e2e, self._ttft, self._queue_time):
+            metric.labels(model_name)
         self._prompt_total = 0
         self._cached_total = 0
 
