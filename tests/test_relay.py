@@ -334,5 +334,8 @@ def test_the_relay_keeps_running_through_a_database_outage_and_a_broker_outage(
         ids = [properties.message_id for _, properties, _ in consumer.messages]
         assert {f"{task_id}:{i}" for i in range(4)} <= set(ids)
     logged = [record.getMessage() for record in caplog.records if record.name == "shared.relay"]
-    assert sum("the step pass failed" in line for line in logged) == 2, "each outage logged once, not every round"
+    # Each outage logs its first failing round (one line per pass that failed in it, so which passes
+    # appear depends on where the cut fell); logging every round would give dozens of lines.
+    failed = [line for line in logged if "pass failed" in line]
+    assert 2 <= len(failed) <= 6, ("each outage logged once, not every round", failed)
     assert sum(line.startswith("relay: recovered") for line in logged) == 2
