@@ -13,54 +13,27 @@ target) and draws the panels with matplotlib in the dashboard's layout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.db import get_engine, upgrade_schema  # noqa: E402
 from shared.example_data import load_trajectories, single_chain_indices  # noqa: E402
-from umi.deployment import Deployment  # noqa: E402
+from umi.deployment import Deployment, scratch_backends  # noqa: E402
 from umi.prometheus import Dashboard, Panel, PrometheusServer, Series, grafana_expr, load_dashboard, start_observed  # noqa: E402
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 OUT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 #: Grafana's $__rate_interval for a 1 s scrape interval would be 4 s; 15 s draws smoother lines.
 RATE_INTERVAL = "15s"
 
 
-@contextlib.contextmanager
-def scratch_servers() -> Iterator[tuple[str, str, str]]:
-    """A new vhost on the local RabbitMQ and a new migrated database on the local PostgreSQL,
-    both removed afterwards: (broker URL, database URL, vhost)."""
-    vhost, database = f"umi-dash-{uuid.uuid4().hex[:6]}", f"umi_dash_{uuid.uuid4().hex[:6]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True)
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{database}"')
-    postgres_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
-    try:
-        upgrade_schema(postgres_url)
-        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}", postgres_url, vhost
-    finally:
-        get_engine(postgres_url).dispose()
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
-
-
 def run(args: argparse.Namespace) -> tuple[Dashboard, dict[tuple[int, str], list[Series]], float, float]:
     """Run the load under Prometheus; every panel target's range-query answer over it."""
-    with scratch_servers() as (rabbitmq_url, postgres_url, vhost):
+    with scratch_backends("umi-dash") as (rabbitmq_url, postgres_url):
+        vhost = rabbitmq_url.rsplit("/", 1)[1]
         system = Deployment(
             rabbitmq_url=rabbitmq_url, postgres_url=postgres_url,
             log_dir=Path(tempfile.mkdtemp(prefix="umi-dash-")), simulator={"latency": args.latency},
