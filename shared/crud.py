@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import func, tuple_, update
+from sqlalchemy import bindparam, func, insert, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from shared import lifecycle
@@ -29,15 +31,16 @@ __all__ = [
     "create_task",
     "database_now",
     "fail_overdue_tasks",
-    "get_step",
     "get_task",
     "get_task_by_idempotency_key",
+    "insert_step",
     "list_steps",
     "list_tasks",
     "renew_tool_call_leases",
     "steps_to_turns",
     "task_public",
     "task_tools",
+    "touch_active_task",
 ]
 
 
@@ -90,6 +93,23 @@ def _history_step(task_id: uuid.UUID, index: int, turn: Turn, now: datetime) -> 
     return step
 
 
+# The per-step statements, built once with bind parameters: building a statement costs more CPU
+# than running it (SQLAlchemy coerces every clause and value and derives a cache key each time).
+_TASK_BY_ID = select(Task).where(col(Task.id) == bindparam("task_id"))
+_TASK_BY_ID_FOR_UPDATE = _TASK_BY_ID.with_for_update()
+_STEPS_OF_TASK = select(Step).where(col(Step.task_id) == bindparam("task_id")).order_by(col(Step.index))
+_TASK_TABLE = Task.__table__  # type: ignore[attr-defined]
+_STEP_TABLE = Step.__table__  # type: ignore[attr-defined]
+_TOUCH_ACTIVE_TASK = (
+    update(_TASK_TABLE)
+    .where(_TASK_TABLE.c.id == bindparam("task_id"), _TASK_TABLE.c.status.in_(ACTIVE_STATUSES))
+    .values(updated_at=bindparam("now"))
+    .returning(_TASK_TABLE.c.id)
+)
+_STEP_COLUMNS = tuple(column.key for column in _STEP_TABLE.columns if column.key != "id")
+_INSERT_STEP = insert(_STEP_TABLE)
+
+
 def get_task(
     *, session: Session, task_id: uuid.UUID, for_update: bool = False, tenant_id: uuid.UUID | None = None
 ) -> Task | None:
@@ -97,22 +117,35 @@ def get_task(
 
     With ``tenant_id`` only that tenant's task: another tenant's is ``None``, as if it did not exist.
     """
-    statement = select(Task).where(Task.id == task_id)
+    statement = _TASK_BY_ID_FOR_UPDATE if for_update else _TASK_BY_ID
     if tenant_id is not None:
-        statement = statement.where(Task.tenant_id == tenant_id)
-    if for_update:
-        statement = statement.with_for_update()
-    return session.exec(statement).first()
+        statement = statement.where(col(Task.tenant_id) == tenant_id)
+    return session.exec(statement, params={"task_id": task_id}).first()
 
 
 def list_steps(*, session: Session, task_id: uuid.UUID) -> list[Step]:
     """All steps of a task in order."""
-    return list(session.exec(select(Step).where(Step.task_id == task_id).order_by(col(Step.index))))
+    return list(session.exec(_STEPS_OF_TASK, params={"task_id": task_id}))
 
 
-def get_step(*, session: Session, task_id: uuid.UUID, index: int) -> Step | None:
-    """One step by its index, if stored."""
-    return session.exec(select(Step).where(Step.task_id == task_id, Step.index == index)).first()
+def touch_active_task(*, session: Session, task_id: uuid.UUID) -> bool:
+    """Set the task's ``updated_at`` unless it has ended; whether it is still active.
+
+    One ``UPDATE … RETURNING`` instead of a locking read and an update: it takes the same
+    row lock, so a cancel or a deadline sweep cannot end the task until this transaction
+    commits (the hot path of :func:`shared.pipeline.store_step`).
+    """
+    return session.execute(_TOUCH_ACTIVE_TASK, {"task_id": task_id, "now": utcnow()}).first() is not None
+
+
+def insert_step(*, session: Session, step: Step) -> None:
+    """INSERT ``step`` as one Core statement.
+
+    Not ``session.add``: the ORM's unit of work costs more CPU than the rest of the
+    transaction, and nothing reads the new row back. A duplicate ``(task_id, index)``
+    raises ``IntegrityError`` as a flush would.
+    """
+    session.execute(_INSERT_STEP, {key: getattr(step, key) for key in _STEP_COLUMNS})
 
 
 def task_tools(task: Task) -> list[ToolDoc]:
@@ -226,6 +259,11 @@ def claim_tool_call(
     broker says about redelivery: a live worker that lost its broker connection
     still finishes its call.
     """
+    fresh = _insert_fresh_claim(
+        session=session, task_id=task_id, step_index=step_index, tool_name=tool_name, arguments=arguments, owner=owner, lease_s=lease_s
+    )
+    if fresh is not None:
+        return ToolCallClaim(state=ClaimState.ACQUIRED, call=fresh)
     now = database_now(session)
     lease = timedelta(seconds=lease_s)
     existing = session.exec(
@@ -257,6 +295,50 @@ def claim_tool_call(
     existing.lease_expires_at = now + lease
     existing.started_at = now
     return ToolCallClaim(state=ClaimState.TAKEN_OVER, call=existing)
+
+
+def _insert_fresh_claim(
+    *, session: Session, task_id: uuid.UUID, step_index: int, tool_name: str, arguments: str, owner: str, lease_s: float
+) -> ToolCall | None:
+    """The usual case in one round trip: ``INSERT … ON CONFLICT DO NOTHING RETURNING``; None if a claim exists.
+
+    The lease starts on the database's clock (PostgreSQL's ``statement_timestamp()``), as in
+    :func:`database_now`.
+    """
+    dialect = session.get_bind().dialect.name
+    insert_claim = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    now = func.statement_timestamp() if dialect == "postgresql" else utcnow()
+    table = ToolCall.__table__  # type: ignore[attr-defined]
+    statement = (
+        insert_claim(table)
+        .values(
+            task_id=task_id,
+            step_index=step_index,
+            tool_name=tool_name,
+            arguments=arguments,
+            status=ToolCallStatus.RUNNING,
+            attempts=1,
+            owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            started_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["task_id", "step_index"])
+        .returning(table.c.id, table.c.lease_expires_at, table.c.started_at)
+    )
+    row = session.execute(statement).first()
+    if row is None:
+        return None
+    return ToolCall(
+        id=row.id,
+        task_id=task_id,
+        step_index=step_index,
+        tool_name=tool_name,
+        arguments=arguments,
+        status=ToolCallStatus.RUNNING,
+        owner=owner,
+        lease_expires_at=row.lease_expires_at,
+        started_at=row.started_at,
+    )
 
 
 def renew_tool_call_leases(*, session: Session, held: Mapping[int, str], lease_s: float) -> set[int]:

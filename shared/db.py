@@ -26,6 +26,7 @@ __all__ = [
     "SchemaOutOfDate",
     "ensure_schema_current",
     "get_engine",
+    "read_scope",
     "session_scope",
     "upgrade_schema",
 ]
@@ -43,8 +44,15 @@ POOL_SIZE, POOL_MAX_OVERFLOW = 20, 40
 
 
 @functools.cache
-def get_engine(database_url: str) -> Engine:
-    """One pooled engine per database URL per process."""
+def get_engine(database_url: str, *, pre_ping: bool = True) -> Engine:
+    """One pooled engine per database URL (and ping choice) per process.
+
+    ``pre_ping`` tests each pooled connection with a round trip before use, so a request
+    after a PostgreSQL restart does not fail on a stale connection. Role workers turn it
+    off: they retry transient database errors in place (``shared/worker.py``), so a stale
+    connection costs one retry after a restart instead of a round trip on every transaction
+    (SQLAlchemy then recycles the whole pool on the first disconnect it sees).
+    """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -54,7 +62,7 @@ def get_engine(database_url: str) -> Engine:
         return engine
     # Workers run many threads; size the pool for them and survive server restarts.
     return create_engine(
-        database_url, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW, pool_pre_ping=True, pool_recycle=1800
+        database_url, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW, pool_pre_ping=pre_ping, pool_recycle=1800
     )
 
 
@@ -76,6 +84,23 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+@functools.cache
+def _autocommit(engine: Engine) -> Engine:
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
+def read_scope(engine: Engine) -> Iterator[Session]:
+    """A session for reads that need neither a lock nor one snapshot across statements.
+
+    Each statement runs on its own (autocommit), so no ``BEGIN`` and ``COMMIT`` round trips;
+    under PostgreSQL's READ COMMITTED a transaction's statements see separate snapshots
+    anyway. Nothing written here is kept: use :func:`session_scope` to write.
+    """
+    with Session(_autocommit(engine), expire_on_commit=False) as session:
+        yield session
 
 
 def _alembic_config(database_url: str) -> Config:

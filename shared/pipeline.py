@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from shared import crud, lifecycle
-from shared.db import get_engine, session_scope
+from shared.db import get_engine, read_scope, session_scope
 from shared.dispatch import Dispatcher
 from shared.lifecycle import Actor, EndReason, TaskStatus
 from shared.metrics import observe_stored_step
@@ -85,11 +85,13 @@ class Runtime:
     dispatcher: Dispatcher
     #: Role resources by name; tests pass ready ones in.
     resources: dict[str, Any] = field(default_factory=dict)
+    #: Ping pooled connections before use (``shared/db.py``); role workers, which retry in place, do not.
+    pre_ping: bool = True
     engine: Engine = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.engine = get_engine(self.settings.database_url)
+        self.engine = get_engine(self.settings.database_url, pre_ping=self.pre_ping)
 
     def resource(self, name: str, build: Callable[[], T]) -> T:
         """The resource called ``name``, built by ``build()`` on first use (thread-safe)."""
@@ -161,31 +163,41 @@ def _next_role_after(step: Step) -> StepRole | None:
 
 
 def open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
-    """Check the job against the stored trajectory; a context to work in, or why not to."""
-    with session_scope(rt.engine) as session:
-        task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
+    """Check the job against the stored trajectory; a context to work in, or why not to.
+
+    Two reads without a transaction (no lock is needed: :func:`store_step` checks the
+    task again under its row lock); the task's first job also marks it running.
+    """
+    with read_scope(rt.engine) as session:
+        task = crud.get_task(session=session, task_id=job.task_id)
         if task is None:
             raise PoisonJob(f"task {job.task_id} does not exist")
         if lifecycle.is_terminal(task.status):
             return JobOutcome.TASK_ENDED
-        existing = crud.get_step(session=session, task_id=job.task_id, index=job.step_index)
-        if existing is not None:
-            return _resend_follow_up(session, job, existing, rt)
-        steps = crud.list_steps(session=session, task_id=job.task_id)
-        _check_job_fits(job, steps)
-        ended = _end_if_over_budget(job, task, steps)
-        if ended is not None:
-            return ended
-        lifecycle.start(task)
-        remaining = (task.deadline_at - utcnow()).total_seconds()
-        return StepContext(task=task, tools=crud.task_tools(task), steps=steps, deadline=time.monotonic() + remaining)
+        steps = crud.list_steps(session=session, task_id=job.task_id)  # one read: also tells a duplicate
+    stored = {step.index for step in steps}
+    if job.step_index in stored:
+        return _resend_follow_up(job, next(step for step in steps if step.index == job.step_index), stored, rt)
+    _check_job_fits(job, steps)
+    if task.status != TaskStatus.RUNNING or _past_budget(job, task, steps):
+        with session_scope(rt.engine) as session:
+            locked = crud.get_task(session=session, task_id=job.task_id, for_update=True)
+            if locked is None or lifecycle.is_terminal(locked.status):
+                return JobOutcome.TASK_ENDED  # cancelled since the read
+            ended = _end_if_over_budget(job, locked, steps)
+            if ended is not None:
+                return ended
+            lifecycle.start(locked)
+            task = locked
+    remaining = (task.deadline_at - utcnow()).total_seconds()
+    return StepContext(task=task, tools=crud.task_tools(task), steps=steps, deadline=time.monotonic() + remaining)
 
 
-def _resend_follow_up(session: Session, job: StepJob, existing: Step, rt: Runtime) -> JobOutcome:
+def _resend_follow_up(job: StepJob, existing: Step, stored: set[int], rt: Runtime) -> JobOutcome:
     if existing.role != job.role:
         raise PoisonJob(f"step {job.step_index} of task {job.task_id} is a {existing.role} step, not {job.role}")
     follow_up = follow_up_job(existing)
-    if follow_up is None or crud.get_step(session=session, task_id=job.task_id, index=follow_up.step_index):
+    if follow_up is None or follow_up.step_index in stored:
         return JobOutcome.DUPLICATE
     rt.dispatcher.dispatch(follow_up)
     logger.info("task %s step %d: already stored, re-sent %s job", job.task_id, job.step_index, follow_up.role)
@@ -200,13 +212,23 @@ def _check_job_fits(job: StepJob, steps: list[Step]) -> None:
         raise PoisonJob(f"step {job.step_index} of task {job.task_id} must be {expected}, the message asks for {job.role}")
 
 
+def _past_budget(job: StepJob, task: Task, steps: list[Step]) -> bool:
+    """Whether the task is past its deadline, or this planner job past its step limit."""
+    if utcnow() >= task.deadline_at:
+        return True
+    return job.role is StepRole.PLANNER and _planner_steps(steps) >= task.max_steps
+
+
+def _planner_steps(steps: list[Step]) -> int:
+    return sum(1 for step in steps if step.role == StepRole.PLANNER)
+
+
 def _end_if_over_budget(job: StepJob, task: Task, steps: list[Step]) -> JobOutcome | None:
     if utcnow() >= task.deadline_at:
         lifecycle.finish(task, reason=EndReason.DEADLINE, by=Actor.worker(job.role), error="deadline exceeded")
         logger.info("task %s: deadline exceeded at step %d", task.id, job.step_index)
         return JobOutcome.TASK_ENDED
-    planner_steps = sum(1 for step in steps if step.role == StepRole.PLANNER)
-    if job.role is StepRole.PLANNER and planner_steps >= task.max_steps:
+    if job.role is StepRole.PLANNER and _planner_steps(steps) >= task.max_steps:
         lifecycle.finish(
             task,
             reason=EndReason.STEP_LIMIT,
@@ -225,20 +247,22 @@ def store_step(
     step = Step.model_validate(draft, update={"task_id": job.task_id, "index": job.step_index})
     try:
         with session_scope(rt.engine) as session:
-            task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
-            if task is None or lifecycle.is_terminal(task.status):
+            if draft.end_reason is None:
+                active = crud.touch_active_task(session=session, task_id=job.task_id)  # locks the row
+                task = None
+            else:
+                task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
+                active = task is not None and not lifecycle.is_terminal(task.status)
+            if not active:
                 # Cancelled (or ended by a deadline) while this step was being produced.
                 if also is not None:
                     also(session)
                 return JobOutcome.TASK_ENDED
-            session.add(step)
+            crud.insert_step(session=session, step=step)
             if also is not None:
                 also(session)
-            if draft.end_reason is not None:
+            if task is not None and draft.end_reason is not None:
                 lifecycle.finish(task, reason=draft.end_reason, by=Actor.worker(job.role), answer=draft.answer)
-            else:
-                task.updated_at = utcnow()
-            session.flush()
     except IntegrityError:
         logger.info("task %s step %d: another delivery stored it first", job.task_id, job.step_index)
         return JobOutcome.DUPLICATE

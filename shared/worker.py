@@ -182,7 +182,8 @@ class _RuntimeHolder:
     def get(self) -> Runtime:
         with self._lock:
             if self._runtime is None:
-                self._runtime = Runtime(settings=self._settings, dispatcher=CeleryDispatcher(self._app))
+                # No pre-ping: run_job retries a stale connection's error in place (shared/db.py).
+                self._runtime = Runtime(settings=self._settings, dispatcher=CeleryDispatcher(self._app), pre_ping=False)
             return self._runtime
 
 

@@ -10,8 +10,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col
 
 from services.tools.executor import ToolExecutor, build_executor
 from services.tools.lease import LeaseKeeper, new_owner_id
@@ -171,16 +172,20 @@ def _run_and_store(job: StepJob, rt: Runtime, context: StepContext, call: Caller
     outcome = begun.outcome
 
     def complete_tool_call(session: Session) -> None:
-        row = session.exec(
-            select(ToolCall).where(ToolCall.task_id == job.task_id, ToolCall.step_index == job.step_index)
-        ).one()
-        row.status = ToolCallStatus.COMPLETED
-        row.owner = owner  # who produced the stored outcome, even if its lease had lapsed meanwhile
-        row.ok = outcome.ok
-        row.backend = outcome.backend
-        row.error = outcome.error
-        row.latency_s = outcome.latency_s
-        row.finished_at = utcnow()
+        session.execute(
+            update(ToolCall)
+            .where(col(ToolCall.task_id) == job.task_id, col(ToolCall.step_index) == job.step_index)
+            .values(
+                status=ToolCallStatus.COMPLETED,
+                owner=owner,  # who produced the stored outcome, even if its lease had lapsed meanwhile
+                ok=outcome.ok,
+                backend=outcome.backend,
+                error=outcome.error,
+                latency_s=outcome.latency_s,
+                finished_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)  # one UPDATE; no claim is loaded in this session
+        )
 
     draft = StepDraft(
         role=StepRole.TOOLS,
