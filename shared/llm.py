@@ -32,13 +32,21 @@ from shared.redaction import install_log_redaction, secrets_redactor
 from shared.replicas import ReplicaSet, RoutedClient
 from shared.roles import LLMRole
 from shared.settings import Settings
-from shared.sglang_client import GenerateRequest, LLMTimeout, SamplingParams, SGLangClient, SGLangRequestError
+from shared.sglang_client import (
+    GenerateRequest,
+    LLMTimeout,
+    SamplingParams,
+    SGLangClient,
+    SGLangError,
+    SGLangRequestError,
+)
 
 __all__ = [
     "GRAMMAR_BACKEND_KINDS",
     "build_role_request",
     "client_for_role",
     "fit_to_context",
+    "is_context_overflow",
     "replicas_for_role",
     "role_constraint",
     "server_constraint_kinds",
@@ -229,6 +237,16 @@ def fit_to_context(
         return request
     logger.info("prompt of %d tokens cut to its last %d (context %d)", tokenized.count, budget, tokenized.max_model_len)
     return request.model_copy(update={"text": None, "input_ids": tokenized.tokens[-budget:]})
+
+
+def is_context_overflow(exc: SGLangError) -> bool:
+    """Whether ``exc`` is SGLang's 400 for a prompt (plus ``max_new_tokens``) beyond the context length.
+
+    SGLang's ``_validate_one_request`` words both cases with "context length" ("The input
+    (N tokens) is longer than the model's context length (M tokens)." and "Requested token
+    count exceeds the model's maximum context length of M tokens. …").
+    """
+    return isinstance(exc, SGLangRequestError) and exc.status_code == 400 and "context length" in exc.message
 
 
 #: Answers meaning "this server has no /tokenize route" (a router or gateway in front of SGLang).

@@ -16,7 +16,14 @@ import uuid
 from collections.abc import Callable
 
 from shared.lifecycle import EndReason
-from shared.llm import ALL_CONSTRAINT_KINDS, build_role_request, fit_to_context, replicas_for_role, server_constraint_kinds
+from shared.llm import (
+    ALL_CONSTRAINT_KINDS,
+    build_role_request,
+    fit_to_context,
+    is_context_overflow,
+    replicas_for_role,
+    server_constraint_kinds,
+)
 from shared.metrics import RetryKind, observe_llm_request, observe_llm_tokens, observe_retries
 from shared.models import TaskMode, utcnow
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
@@ -32,7 +39,7 @@ from shared.roles import LLMRole
 from shared.schemas import StepJob
 from shared.sglang_client import GenerateRequest, GenerateResult, SGLangError
 
-__all__ = ["constraint_kinds", "grammar_backend_check", "llm_client", "run_llm_step"]
+__all__ = ["constraint_kinds", "grammar_backend_check", "llm_client", "refuses_long_prompts", "run_llm_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,30 @@ def constraint_kinds(rt: Runtime, role: LLMRole, *, deadline: float | None = Non
     return rt.resource(name, lambda: kinds)
 
 
+def refuses_long_prompts(rt: Runtime, role: LLMRole, *, deadline: float | None = None) -> bool:
+    """Whether ``role``'s SGLang server answers 400 to a prompt beyond its context, asked once per process.
+
+    Such a server (``allow_auto_truncate`` false in ``/server_info``) is sent a long prompt
+    as it is, and only a refusal costs a ``/tokenize``: most prompts that exceed the byte
+    bound fit in tokens, so this saves a round trip per step. A server that truncates by
+    itself (keeping the prompt's start, where α-UMi keeps its end), a router, or one that
+    cannot be asked now gets every long prompt tokenized and cut first.
+    """
+    name = f"refuses-long-prompts:{role.value}"
+    known = rt.resources.get(name)
+    if known is not None:
+        return bool(known)
+    client = llm_client(rt, role)
+    if not client.serves_tokenize:
+        return rt.resource(name, lambda: False)
+    try:
+        refuses = client.server_info(deadline=deadline).allow_auto_truncate is False
+    except SGLangError as exc:
+        logger.info("could not read the %s server's --allow-auto-truncate (%s); tokenizing long prompts first", role.value, exc)
+        return False
+    return rt.resource(name, lambda: refuses)
+
+
 #: How long a worker's start-up waits for its SGLang server's ``/server_info``.
 STARTUP_CHECK_TIMEOUT_S = 5.0
 
@@ -77,12 +108,20 @@ def grammar_backend_check(role: LLMRole) -> Callable[[Runtime], None]:
     return check
 
 
-def _generate(client: RoutedClient, request: GenerateRequest, role: LLMRole, *, deadline: float) -> GenerateResult:
-    """One ``/generate`` request, counted in the LLM metrics (duration, outcome, tokens, retries)."""
+def _generate(
+    client: RoutedClient, request: GenerateRequest, role: LLMRole, *, deadline: float, overflow_expected: bool = False
+) -> GenerateResult:
+    """One ``/generate`` request, counted in the LLM metrics (duration, outcome, tokens, retries).
+
+    With ``overflow_expected`` a context-length refusal is not counted as a failure: the
+    prompt was sent before it was tokenized (:func:`refuses_long_prompts`).
+    """
     started = time.monotonic()
     try:
         result = client.generate(request, deadline=deadline)
     except SGLangError as exc:
+        if overflow_expected and is_context_overflow(exc):
+            raise
         observe_llm_request(role.value, time.monotonic() - started, ok=False)
         observe_retries(role.value, RetryKind.LLM, exc.attempts - 1)
         raise
@@ -127,12 +166,23 @@ def run_llm_step(
     static = context.task.mode == TaskMode.STATIC_STEP
     generations = PLANNER_MAX_GENERATIONS if llm_role is LLMRole.PLANNER and not static else 1
     prompt_tokens = completion_tokens = cached_tokens = attempts = 0
+    context_length = rt.settings.context_length
     try:
-        request = fit_to_context(client, request, context_length=rt.settings.context_length, deadline=context.deadline)
+        fitted = not refuses_long_prompts(rt, llm_role, deadline=context.deadline)
+        if fitted:
+            request = fit_to_context(client, request, context_length=context_length, deadline=context.deadline)
         for generation in range(1, generations + 1):
             if generation > 1:
                 request = request.model_copy(update={"rid": f"{request.rid}-{generation}"})
-            result = _generate(client, request, llm_role, deadline=context.deadline)
+            try:
+                result = _generate(client, request, llm_role, deadline=context.deadline, overflow_expected=not fitted)
+            except SGLangError as exc:
+                if fitted or not is_context_overflow(exc):
+                    raise
+                # Refused as too long: tokenize and keep its last tokens, as the reference does.
+                request = fit_to_context(client, request, context_length=context_length, deadline=context.deadline)
+                fitted = True
+                result = _generate(client, request, llm_role, deadline=context.deadline)
             prompt_tokens += result.prompt_tokens or 0
             completion_tokens += result.completion_tokens or 0
             cached_tokens += result.cached_tokens or 0

@@ -329,6 +329,9 @@ class ServerInfo(BaseModel):
 
     #: ``--grammar-backend``: ``xgrammar`` (SGLang's default), ``llguidance``, ``outlines`` or ``none``.
     grammar_backend: str | None = None
+    #: ``--allow-auto-truncate``: the server cuts an over-long prompt itself (keeping its start) instead of
+    #: answering 400. Only a server that says ``false`` is sent a long prompt before it is tokenized.
+    allow_auto_truncate: bool | None = None
     version: str | None = None
 
 

@@ -8,6 +8,8 @@ router), the prompt is cut by its byte count instead.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +162,82 @@ def test_settings_that_leave_no_room_for_a_prompt_are_refused() -> None:
 
     with pytest.raises(ConfigurationError, match="UMI_MAX_NEW_TOKENS / UMI_CONTEXT_LENGTH"):
         load_settings(context_length=1024, max_new_tokens=1000)
+
+
+class _CountingFront:
+    """The simulator behind an ASGI front that counts requests per path and keeps /generate bodies."""
+
+    def __init__(self, context_length: int) -> None:
+        self.simulator = create_app(SimulatorConfig(data=[TRAJECTORIES], context_length=context_length))
+        self.calls: Counter[str] = Counter()
+        self.generate_bodies: list[dict[str, object]] = []
+
+    async def __call__(self, scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return await self.simulator(scope, receive, send)
+        self.calls[scope["path"]] += 1
+        if scope["path"] != "/generate":
+            return await self.simulator(scope, receive, send)
+        chunks: list[dict] = []
+        while not chunks or chunks[-1].get("more_body"):
+            chunks.append(await receive())
+        self.generate_bodies.append(json.loads(b"".join(chunk.get("body", b"") for chunk in chunks)))
+        replay = iter(chunks)
+
+        async def replayed() -> dict:
+            return next(replay)
+
+        return await self.simulator(scope, replayed, send)
+
+
+def _run_long_planner_step(tmp_path: Path, url: str, context_length: int) -> int:
+    """Store the planner step after a long recorded history; its prompt tokens."""
+    record = load_trajectories()[2]
+    turns = record["conversations"]
+    last_observation = max(i for i, turn in enumerate(turns) if turn["from"] == "observation")
+    rt = Runtime(
+        settings=sqlite_settings(tmp_path, url, context_length=context_length, max_new_tokens=OUTPUT),
+        dispatcher=CollectingDispatcher(),
+    )
+    with session_scope(rt.engine) as session:
+        task = crud.create_task(
+            session=session,
+            task_in=TaskCreate(query=turns[0]["value"], tools=record["tools"], history=turns[1 : last_observation + 1]),
+            max_steps=12,
+            timeout_s=60,
+            constrained=True,
+        )
+    assert run_job(rt, StepJob(task_id=task.id, step_index=last_observation + 1, role=StepRole.PLANNER)) is JobOutcome.STORED
+    planner = stored_steps(rt, task.id)[-1]
+    assert planner.role == "planner" and planner.prompt_tokens
+    return planner.prompt_tokens
+
+
+def _llm_errors(role: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("umi_llm_request_duration_seconds_count", {"role": role, "outcome": "error"}) or 0.0
+
+
+def test_a_prompt_over_the_byte_bound_that_fits_in_tokens_is_sent_without_tokenizing(tmp_path: Path) -> None:
+    """A server that refuses over-long prompts (no --allow-auto-truncate) is sent the prompt as it is."""
+    context = 4096
+    front = _CountingFront(context)
+    with ServerThread(front) as server:
+        prompt_tokens = _run_long_planner_step(tmp_path, server.url, context)
+    (body,) = front.generate_bodies
+    assert max_prompt_tokens(str(body["text"])) > context - OUTPUT  # the byte bound alone would have tokenized it
+    assert front.calls["/tokenize"] == 0 and front.calls["/generate"] == 1
+    assert prompt_tokens < context - OUTPUT
+
+
+def test_a_prompt_the_server_refuses_as_too_long_is_tokenized_cut_and_sent_again(tmp_path: Path) -> None:
+    errors_before = _llm_errors("planner")
+    front = _CountingFront(CONTEXT)
+    with ServerThread(front) as server:
+        prompt_tokens = _run_long_planner_step(tmp_path, server.url, CONTEXT)
+    assert front.calls["/generate"] == 2 and front.calls["/tokenize"] == 1
+    first, second = front.generate_bodies
+    assert "text" in first and second.get("input_ids")  # whole text refused, then its last tokens
+    assert prompt_tokens == CONTEXT - OUTPUT
+    assert _llm_errors("planner") == errors_before  # an expected refusal is not an LLM failure

@@ -333,6 +333,7 @@ def _server_info(engine: SimulatorEngine, started: float) -> dict[str, Any]:
         "stream_interval": config.stream_interval,
         "api_key": "<redacted>" if config.api_key else None,
         "grammar_backend": config.grammar_backend,
+        "allow_auto_truncate": False,  # the simulator answers 400 to an over-long prompt, as SGLang's default
         "latency": config.latency.model_dump(),
         "simulator": {
             "role": config.role.value if config.role else None,
