@@ -5,13 +5,15 @@ Keyword-only, each takes a session, none commits: the caller owns the transactio
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import bindparam, func, insert, tuple_, update
+from sqlalchemy import Insert, Interval, bindparam, func, insert, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
@@ -297,6 +299,34 @@ def claim_tool_call(
     return ToolCallClaim(state=ClaimState.TAKEN_OVER, call=existing)
 
 
+@functools.cache
+def _fresh_claim_insert(dialect: str) -> Insert:
+    """The claim INSERT for ``dialect``, built once (see the per-step statements above)."""
+    table = ToolCall.__table__  # type: ignore[attr-defined]
+    if dialect == "postgresql":
+        now: Any = func.statement_timestamp()
+        expires: Any = now + bindparam("p_lease", type_=Interval())
+        statement: Any = postgresql_insert(table)
+    else:
+        now, expires, statement = bindparam("p_now"), bindparam("p_lease_expires_at"), sqlite_insert(table)
+    return (
+        statement.values(
+            # Bind names differ from the column names: SQLAlchemy reserves those for its own use.
+            task_id=bindparam("p_task_id"),
+            step_index=bindparam("p_step_index"),
+            tool_name=bindparam("p_tool_name"),
+            arguments=bindparam("p_arguments"),
+            status=ToolCallStatus.RUNNING,
+            attempts=1,
+            owner=bindparam("p_owner"),
+            lease_expires_at=expires,
+            started_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["task_id", "step_index"])
+        .returning(table.c.id, table.c.lease_expires_at, table.c.started_at)
+    )
+
+
 def _insert_fresh_claim(
     *, session: Session, task_id: uuid.UUID, step_index: int, tool_name: str, arguments: str, owner: str, lease_s: float
 ) -> ToolCall | None:
@@ -306,26 +336,16 @@ def _insert_fresh_claim(
     :func:`database_now`.
     """
     dialect = session.get_bind().dialect.name
-    insert_claim = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    now = func.statement_timestamp() if dialect == "postgresql" else utcnow()
-    table = ToolCall.__table__  # type: ignore[attr-defined]
-    statement = (
-        insert_claim(table)
-        .values(
-            task_id=task_id,
-            step_index=step_index,
-            tool_name=tool_name,
-            arguments=arguments,
-            status=ToolCallStatus.RUNNING,
-            attempts=1,
-            owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            started_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["task_id", "step_index"])
-        .returning(table.c.id, table.c.lease_expires_at, table.c.started_at)
-    )
-    row = session.execute(statement).first()
+    lease = timedelta(seconds=lease_s)
+    params: dict[str, Any] = {
+        "p_task_id": task_id, "p_step_index": step_index, "p_tool_name": tool_name, "p_arguments": arguments, "p_owner": owner,
+    }  # fmt: skip
+    if dialect == "postgresql":
+        params["p_lease"] = lease
+    else:
+        params["p_now"] = now = utcnow()
+        params["p_lease_expires_at"] = now + lease
+    row = session.execute(_fresh_claim_insert(dialect), params).first()
     if row is None:
         return None
     return ToolCall(

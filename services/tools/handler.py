@@ -10,9 +10,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from services.tools.executor import ToolExecutor, build_executor
 from services.tools.lease import LeaseKeeper, new_owner_id
@@ -79,6 +79,19 @@ class _UnfinishedCalls:
             call.active = False
             if finished and self._calls.get((job.task_id, job.step_index)) is call:
                 del self._calls[(job.task_id, job.step_index)]
+
+
+#: Built once: building the statement costs more CPU than running it (see ``shared/crud.py``).
+_TOOL_CALL_TABLE = ToolCall.__table__  # type: ignore[attr-defined]
+_COMPLETE_TOOL_CALL = (
+    update(_TOOL_CALL_TABLE)
+    .where(_TOOL_CALL_TABLE.c.task_id == bindparam("p_task_id"), _TOOL_CALL_TABLE.c.step_index == bindparam("p_step_index"))
+    .values(
+        status=ToolCallStatus.COMPLETED,
+        # Bind names differ from the column names: SQLAlchemy reserves those for its own use.
+        **{name: bindparam(f"p_{name}") for name in ("owner", "ok", "backend", "error", "latency_s", "finished_at")},
+    )
+)
 
 
 def tool_executor(rt: Runtime) -> ToolExecutor:
@@ -173,18 +186,17 @@ def _run_and_store(job: StepJob, rt: Runtime, context: StepContext, call: Caller
 
     def complete_tool_call(session: Session) -> None:
         session.execute(
-            update(ToolCall)
-            .where(col(ToolCall.task_id) == job.task_id, col(ToolCall.step_index) == job.step_index)
-            .values(
-                status=ToolCallStatus.COMPLETED,
-                owner=owner,  # who produced the stored outcome, even if its lease had lapsed meanwhile
-                ok=outcome.ok,
-                backend=outcome.backend,
-                error=outcome.error,
-                latency_s=outcome.latency_s,
-                finished_at=utcnow(),
-            )
-            .execution_options(synchronize_session=False)  # one UPDATE; no claim is loaded in this session
+            _COMPLETE_TOOL_CALL,
+            {
+                "p_task_id": job.task_id,
+                "p_step_index": job.step_index,
+                "p_owner": owner,  # who produced the stored outcome, even if its lease had lapsed meanwhile
+                "p_ok": outcome.ok,
+                "p_backend": outcome.backend,
+                "p_error": outcome.error,
+                "p_latency_s": outcome.latency_s,
+                "p_finished_at": utcnow(),
+            },
         )
 
     draft = StepDraft(
