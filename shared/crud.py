@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Insert, Interval, bindparam, func, insert, tuple_, update
+from sqlalchemy import Insert, Interval, bindparam, cast, func, insert, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
@@ -38,6 +38,7 @@ __all__ = [
     "insert_step",
     "list_steps",
     "list_tasks",
+    "append_step_to_active_task",
     "renew_tool_call_leases",
     "steps_to_turns",
     "task_public",
@@ -110,6 +111,26 @@ _TOUCH_ACTIVE_TASK = (
 )
 _STEP_COLUMNS = tuple(column.key for column in _STEP_TABLE.columns if column.key != "id")
 _INSERT_STEP = insert(_STEP_TABLE)
+# PostgreSQL: touch the task if it is active and insert the step, as one statement (bind names
+# apart from the column names, which SQLAlchemy reserves; each value cast so a NULL has its type).
+_TOUCHED = (
+    update(_TASK_TABLE)
+    .where(_TASK_TABLE.c.id == bindparam("p_task_id", type_=_TASK_TABLE.c.id.type), _TASK_TABLE.c.status.in_(ACTIVE_STATUSES))
+    .values(updated_at=bindparam("p_now"))
+    .returning(_TASK_TABLE.c.id)
+    .cte("touched")
+)
+_APPEND_STEP = (
+    insert(_STEP_TABLE)
+    .from_select(
+        _STEP_COLUMNS,
+        select(
+            *(cast(bindparam(f"p_{key}", type_=_STEP_TABLE.c[key].type), _STEP_TABLE.c[key].type) for key in _STEP_COLUMNS)
+        ).select_from(_TOUCHED),
+    )
+    .add_cte(_TOUCHED)
+    .returning(_STEP_TABLE.c.id)
+)
 
 
 def get_task(
@@ -138,6 +159,20 @@ def touch_active_task(*, session: Session, task_id: uuid.UUID) -> bool:
     commits (the hot path of :func:`shared.pipeline.store_step`).
     """
     return session.execute(_TOUCH_ACTIVE_TASK, {"task_id": task_id, "now": utcnow()}).first() is not None
+
+
+def append_step_to_active_task(*, session: Session, step: Step) -> bool:
+    """PostgreSQL: store ``step`` and set its task's ``updated_at`` in one statement, if the task is active.
+
+    ``WITH touched AS (UPDATE umi_task … RETURNING id) INSERT INTO umi_step … SELECT … FROM
+    touched``: the update takes the task's row lock as :func:`touch_active_task` does, and
+    in autocommit the statement is its own transaction — one round trip instead of four
+    (``BEGIN``, update, insert, ``COMMIT``). False (nothing stored) if the task has ended;
+    a step already stored raises ``IntegrityError``.
+    """
+    params = {f"p_{key}": getattr(step, key) for key in _STEP_COLUMNS}
+    params["p_now"] = utcnow()
+    return session.execute(_APPEND_STEP, params).first() is not None
 
 
 def insert_step(*, session: Session, step: Step) -> None:

@@ -243,34 +243,48 @@ def _end_if_over_budget(job: StepJob, task: Task, steps: list[Step]) -> JobOutco
 def store_step(
     job: StepJob, draft: StepDraft, rt: Runtime, *, also: Callable[[Session], None] | None = None
 ) -> JobOutcome:
-    """Insert the step (and the task's end, if any) in one transaction, then publish the follow-up."""
+    """Insert the step (and the task's end, if any) in one transaction, then publish the follow-up.
+
+    ``also`` runs in the same transaction (the tools step completes its claim there), also
+    when the task has ended meanwhile.
+    """
     step = Step.model_validate(draft, update={"task_id": job.task_id, "index": job.step_index})
     try:
-        with session_scope(rt.engine) as session:
-            if draft.end_reason is None:
-                active = crud.touch_active_task(session=session, task_id=job.task_id)  # locks the row
-                task = None
-            else:
-                task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
-                active = task is not None and not lifecycle.is_terminal(task.status)
-            if not active:
-                # Cancelled (or ended by a deadline) while this step was being produced.
-                if also is not None:
-                    also(session)
-                return JobOutcome.TASK_ENDED
-            crud.insert_step(session=session, step=step)
-            if also is not None:
-                also(session)
-            if task is not None and draft.end_reason is not None:
-                lifecycle.finish(task, reason=draft.end_reason, by=Actor.worker(job.role), answer=draft.answer)
+        if draft.end_reason is None and also is None and rt.engine.dialect.name == "postgresql":
+            with read_scope(rt.engine) as session:  # autocommit: the one statement is the transaction
+                stored = crud.append_step_to_active_task(session=session, step=step)
+        else:
+            stored = _store_in_transaction(job, draft, step, rt, also)
     except IntegrityError:
         logger.info("task %s step %d: another delivery stored it first", job.task_id, job.step_index)
         return JobOutcome.DUPLICATE
+    if not stored:
+        return JobOutcome.TASK_ENDED  # cancelled (or ended by a deadline) while this step was being produced
     observe_stored_step(job.role.value, draft.latency_s, draft.end_status)
     follow_up = follow_up_job(step)
     if follow_up is not None and draft.end_reason is None:
         rt.dispatcher.dispatch(follow_up)
     return JobOutcome.STORED
+
+
+def _store_in_transaction(
+    job: StepJob, draft: StepDraft, step: Step, rt: Runtime, also: Callable[[Session], None] | None
+) -> bool:
+    """:func:`store_step` where one statement cannot do it (an ending step, ``also``, SQLite); whether it stored."""
+    with session_scope(rt.engine) as session:
+        if draft.end_reason is None:
+            active = crud.touch_active_task(session=session, task_id=job.task_id)  # locks the row
+            task = None
+        else:
+            task = crud.get_task(session=session, task_id=job.task_id, for_update=True)
+            active = task is not None and not lifecycle.is_terminal(task.status)
+        if active:
+            crud.insert_step(session=session, step=step)
+        if also is not None:
+            also(session)
+        if active and task is not None and draft.end_reason is not None:
+            lifecycle.finish(task, reason=draft.end_reason, by=Actor.worker(job.role), answer=draft.answer)
+        return active
 
 
 def end_task(job: StepJob, rt: Runtime, *, reason: EndReason, error: str) -> JobOutcome:
