@@ -20,6 +20,7 @@ which is what the simulated prefix cache needs. Counts are used for
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import hashlib
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2
 _FIRST_BYTE_ID = 3
 _FIRST_PIECE_ID = _FIRST_BYTE_ID + 256
+#: Texts a :class:`PseudoTokenizer` remembers having registered the pieces of (see ``encode``).
+_REGISTERED_TEXTS = 256
 
 
 @functools.lru_cache(maxsize=65536)
@@ -47,8 +50,8 @@ def _tokenize(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Token ids and, for each token, the character offset where the text it completes ends."""
     if text.isascii():  # the common case, without the per-character loop
         ends_ascii = tuple(range(CHARS_PER_TOKEN, len(text), CHARS_PER_TOKEN)) + ((len(text),) if text else ())
-        starts = range(0, len(text), CHARS_PER_TOKEN)
-        return tuple(_piece_id(text[i : i + CHARS_PER_TOKEN]) for i in starts), ends_ascii
+        pieces = [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
+        return tuple(map(_piece_id, pieces)), ends_ascii
     ids: list[int] = []
     ends: list[int] = []
     run_start = None
@@ -84,16 +87,30 @@ class PseudoTokenizer:
 
     def __init__(self) -> None:
         self._pieces: dict[int, str] = {}
+        # The last texts whose pieces went into ``_pieces``: registering a text again changes
+        # nothing (the first text of an id wins), and the simulator sees the same prompts
+        # over and over, so a repeat skips the walk over its tokens. Bounded LRU.
+        self._registered: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def encode(self, text: str) -> list[int]:
         """Token ids for ``text`` (no BOS token is added)."""
         ids, ends = _tokenize(text)
+        if text in self._registered:
+            self._registered.move_to_end(text)
+        else:
+            self._register(text, ids, ends)
+        return list(ids)
+
+    def _register(self, text: str, ids: tuple[int, ...], ends: tuple[int, ...]) -> None:
+        """Remember the text of each piece of ``text`` (for ``decode``), unless its id has one already."""
         start = 0
         for token_id, end in zip(ids, ends, strict=True):
             if token_id >= _FIRST_PIECE_ID:
                 self._pieces.setdefault(token_id, text[start:end])
             start = end
-        return list(ids)
+        self._registered[text] = None
+        if len(self._registered) > _REGISTERED_TEXTS:
+            self._registered.popitem(last=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text for ``ids``; special tokens are skipped, byte runs decode as UTF-8, unknown ids as U+FFFD."""
