@@ -261,6 +261,15 @@ def test_natural_end_is_an_eos_stop(stop_client: httpx.Client) -> None:
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": exact}
 
 
+def test_stop_token_ids_end_on_the_first_listed_id_generated(stop_client: httpx.Client) -> None:
+    ids = PseudoTokenizer().encode("alpha beta</s>gamma STOP delta")
+    out = generate(stop_client, "Q: stop test assistant: ", stop_token_ids=[ids[3], 31999, ids[1]]).json()
+    assert out["output_ids"] == ids[:2] and out["text"] == "alph"  # the id's own text is not output
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[1]}
+    out = generate(stop_client, "Q: stop test assistant: ", stop_token_ids=[31999]).json()
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": EOS}
+
+
 # --- error shapes --------------------------------------------------------------------------------------
 
 
