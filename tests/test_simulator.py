@@ -521,6 +521,21 @@ def test_pseudo_tokenizer_is_deterministic_and_concatenation_friendly() -> None:
     assert tokenizer.decode(longer_ids) == longer
 
 
+def test_pseudo_tokenizer_cuts_ascii_runs_into_pieces_and_falls_back_to_bytes() -> None:
+    # The rules spelled out one character at a time: ASCII runs in pieces of 4 from the run's
+    # start, another BMP character alone, a character beyond it as its UTF-8 bytes (ids 3-258).
+    piece = PseudoTokenizer().encode
+    text = "abcdefg\u00e9hi\U0001f600\u4e2d\u4e2d j\ud800k" + "x" * 9
+    expected = [*piece("abcd"), *piece("efg"), *piece("\u00e9"), *piece("hi"),
+                *(3 + b for b in "\U0001f600".encode()), *piece("\u4e2d"), *piece("\u4e2d"),
+                *piece(" j"), *piece("\ud800"), *piece("kxxx"), *piece("xxxx"), *piece("xx")]
+    assert PseudoTokenizer().encode(text) == expected
+    assert [PseudoTokenizer.text_through(text, n) for n in (5, 6, 7, 8, 9)] == [
+        "abcdefg\u00e9hi", "abcdefg\u00e9hi", "abcdefg\u00e9hi", "abcdefg\u00e9hi\U0001f600",
+        "abcdefg\u00e9hi\U0001f600\u4e2d"]
+    assert PseudoTokenizer.tokens_through(text, len("abcdefg\u00e9hi\U0001f600")) == 8
+
+
 def test_pseudo_tokenizer_remembered_texts_answer_as_new_ones() -> None:
     # encode remembers (bounded) which texts it registered for decode; a repeat, or a text
     # forgotten and seen again, must give the same ids and decode the same way.
