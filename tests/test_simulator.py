@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from services.simulator import LLAMA2_7B_1GPU, LatencyProfile, PseudoTokenizer, SimulatorConfig, create_app
 from services.simulator.constraints import compile_constraint
 from services.simulator.prefix_cache import RadixCache
+from services.simulator.tokenizer import _REGISTERED_TEXTS
 from shared.asgi import ServerThread
 from shared.constraints import caller_ebnf, planner_regex
 from shared.prompts import (
@@ -259,6 +261,15 @@ def test_natural_end_is_an_eos_stop(stop_client: httpx.Client) -> None:
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": exact}
 
 
+def test_stop_token_ids_end_on_the_first_listed_id_generated(stop_client: httpx.Client) -> None:
+    ids = PseudoTokenizer().encode("alpha beta</s>gamma STOP delta")
+    out = generate(stop_client, "Q: stop test assistant: ", stop_token_ids=[ids[3], 31999, ids[1]]).json()
+    assert out["output_ids"] == ids[:2] and out["text"] == "alph"  # the id's own text is not output
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[1]}
+    out = generate(stop_client, "Q: stop test assistant: ", stop_token_ids=[31999]).json()
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": EOS}
+
+
 # --- error shapes --------------------------------------------------------------------------------------
 
 
@@ -475,6 +486,28 @@ def test_radix_cache_matches_prefixes_and_evicts_least_recently_used() -> None:
     assert disabled.match_prefix([1, 2]) == 0
 
 
+def test_radix_cache_match_is_the_longest_common_prefix_wherever_edges_part() -> None:
+    # Edges are compared block by block: partings at, around and past the block boundaries.
+    rng = random.Random(7)
+    cache, inserted = RadixCache(capacity=1_000_000), []
+    for _ in range(60):
+        base = rng.choice(inserted) if inserted and rng.random() < 0.8 else []
+        cut = rng.choice([0, 1, 63, 64, 65, 127, 128, 129, 200, len(base)])
+        tokens = base[:cut] + [rng.randint(0, 3) for _ in range(rng.randint(0, 300))]
+        probe = tokens[: rng.randint(0, len(tokens))] + [rng.randint(0, 3) for _ in range(rng.randint(0, 5))]
+        expected = max((_common_prefix(probe, seen) for seen in inserted), default=0)
+        assert cache.match_prefix(probe) == cache.match_prefix(tuple(probe)) == expected
+        cache.insert(tokens)
+        inserted.append(tokens)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def test_pseudo_tokenizer_is_deterministic_and_concatenation_friendly() -> None:
     tokenizer = PseudoTokenizer()
     base = "You have assess to the following apis:\n"
@@ -486,6 +519,38 @@ def test_pseudo_tokenizer_is_deterministic_and_concatenation_friendly() -> None:
     assert PseudoTokenizer().encode(base) == ids
     assert all(3 <= i < 32000 for i in ids)
     assert tokenizer.decode(longer_ids) == longer
+
+
+def test_pseudo_tokenizer_cuts_ascii_runs_into_pieces_and_falls_back_to_bytes() -> None:
+    # The rules spelled out one character at a time: ASCII runs in pieces of 4 from the run's
+    # start, another BMP character alone, a character beyond it as its UTF-8 bytes (ids 3-258).
+    piece = PseudoTokenizer().encode
+    text = "abcdefg\u00e9hi\U0001f600\u4e2d\u4e2d j\ud800k" + "x" * 9
+    expected = [*piece("abcd"), *piece("efg"), *piece("\u00e9"), *piece("hi"),
+                *(3 + b for b in "\U0001f600".encode()), *piece("\u4e2d"), *piece("\u4e2d"),
+                *piece(" j"), *piece("\ud800"), *piece("kxxx"), *piece("xxxx"), *piece("xx")]
+    assert PseudoTokenizer().encode(text) == expected
+    assert [PseudoTokenizer.text_through(text, n) for n in (5, 6, 7, 8, 9)] == [
+        "abcdefg\u00e9hi", "abcdefg\u00e9hi", "abcdefg\u00e9hi", "abcdefg\u00e9hi\U0001f600",
+        "abcdefg\u00e9hi\U0001f600\u4e2d"]
+    assert PseudoTokenizer.tokens_through(text, len("abcdefg\u00e9hi\U0001f600")) == 8
+
+
+def test_pseudo_tokenizer_remembered_texts_answer_as_new_ones() -> None:
+    # encode remembers (bounded) which texts it registered for decode; a repeat, or a text
+    # forgotten and seen again, must give the same ids and decode the same way.
+    texts = [f"prompt {i} \u4e2d\U0001f600 " + "x" * i for i in range(_REGISTERED_TEXTS + 50)]
+    fresh = [PseudoTokenizer().encode(text) for text in texts]
+    tokenizer = PseudoTokenizer()
+    first = tokenizer.encode(texts[0])
+    first.append(-1)  # the caller's list is its own
+    assert tokenizer.encode("".join(list(texts[0]))) == fresh[0]
+    for text, ids in zip(texts, fresh, strict=True):
+        assert tokenizer.encode(text) == ids and tokenizer.decode(ids) == text
+    assert len(tokenizer._registered) == _REGISTERED_TEXTS  # bounded
+    assert texts[0] not in tokenizer._registered
+    for text, ids in zip(texts, fresh, strict=True):  # evicted or not: same ids, same text back
+        assert tokenizer.encode(text) == ids and tokenizer.decode(ids) == text
 
 
 # --- streaming and batches ------------------------------------------------------------------------------------

@@ -106,10 +106,11 @@ def _string_stops(continuation: str, content_ids: list[int], options: DecodeOpti
 def _token_stops(continuation: str, content_ids: list[int], options: DecodeOptions) -> list[_Stop]:
     if options.ignore_eos:
         return []
-    for index, token_id in enumerate(content_ids):
-        if token_id in options.stop_token_ids:
-            text = PseudoTokenizer.text_through(continuation, index)
-            completion = Completion(text, content_ids[: index + 1], {"type": "stop", "matched": token_id})
-            return [_Stop(index + 1, _TOKEN_STOP, len(text), completion)]
+    if not options.stop_token_ids.isdisjoint(content_ids):  # a set test in C first: usually none occurs
+        for index, token_id in enumerate(content_ids):
+            if token_id in options.stop_token_ids:
+                text = PseudoTokenizer.text_through(continuation, index)
+                completion = Completion(text, content_ids[: index + 1], {"type": "stop", "matched": token_id})
+                return [_Stop(index + 1, _TOKEN_STOP, len(text), completion)]
     completion = Completion(continuation, [*content_ids, EOS_TOKEN_ID], {"type": "stop", "matched": EOS_TOKEN_ID})
     return [_Stop(len(content_ids) + 1, _TOKEN_STOP, len(continuation), completion)]

@@ -66,9 +66,16 @@ class SimulatorMetrics:
             Gauge(name, doc, labels, registry=self.registry).labels(model_name).set_function(read)
         # Every series exists at 0 from the start: one born at its first request hides that
         # request's increase from rate() (no earlier sample), which a short load can lose entirely.
-        for metric in (self._prompt_tokens, self._generation_tokens, self._cached_tokens, self._requests,
-                       self._aborted, self._so_requests, self._e2e, self._ttft, self._queue_time):
-            metric.labels(model_name)
+        # The labelled children are kept, so a request does not look them up again.
+        self._prompt_tokens_series = self._prompt_tokens.labels(model_name)
+        self._generation_tokens_series = self._generation_tokens.labels(model_name)
+        self._cached_tokens_series = self._cached_tokens.labels(model_name)
+        self._requests_series = self._requests.labels(model_name)
+        self._aborted_series = self._aborted.labels(model_name)
+        self._so_requests_series = self._so_requests.labels(model_name)
+        self._e2e_series = self._e2e.labels(model_name)
+        self._ttft_series = self._ttft.labels(model_name)
+        self._queue_time_series = self._queue_time.labels(model_name)
         self._prompt_total = 0
         self._cached_total = 0
 
@@ -88,25 +95,24 @@ class SimulatorMetrics:
         aborted: bool,
     ) -> None:
         """Record one finished (or aborted) request."""
-        label = self.model_name
-        self._prompt_tokens.labels(label).inc(prompt_tokens)
-        self._generation_tokens.labels(label).inc(completion_tokens)
-        self._cached_tokens.labels(label).inc(cached_tokens)
-        self._requests.labels(label).inc()
-        self._e2e.labels(label).observe(e2e_latency)
-        self._queue_time.labels(label).observe(queue_time)
+        self._prompt_tokens_series.inc(prompt_tokens)
+        self._generation_tokens_series.inc(completion_tokens)
+        self._cached_tokens_series.inc(cached_tokens)
+        self._requests_series.inc()
+        self._e2e_series.observe(e2e_latency)
+        self._queue_time_series.observe(queue_time)
         if ttft is not None:
-            self._ttft.labels(label).observe(ttft)
+            self._ttft_series.observe(ttft)
         if structured:
-            self._so_requests.labels(label).inc()
+            self._so_requests_series.inc()
         if aborted:
-            self._aborted.labels(label).inc()
+            self._aborted_series.inc()
         self._prompt_total += prompt_tokens
         self._cached_total += cached_tokens
 
     def observe_rejected(self) -> None:
         """Record a request the scheduler refused (queue full, grammar failure)."""
-        self._aborted.labels(self.model_name).inc()
+        self._aborted_series.inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this server's registry."""

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 __all__ = ["RadixCache"]
 
 _EVICT_TO_FRACTION = 0.9
+#: Tokens compared at a time when looking for where an edge and a prompt part ways.
+_BLOCK = 64
 
 
 @dataclass(eq=False)
@@ -51,6 +53,7 @@ class RadixCache:
 
     def match_prefix(self, tokens: Sequence[int]) -> int:
         """Length of the longest prefix of ``tokens`` in the tree; touches the matched path."""
+        tokens = tuple(tokens)  # edges are tuples: slices of both compare in C
         node, matched, now = self._root, 0, next(self._clock)
         while matched < len(tokens):
             child = node.children.get(tokens[matched])
@@ -68,6 +71,7 @@ class RadixCache:
         """Add ``tokens`` (splitting edges as needed), then evict if over capacity."""
         if self.capacity == 0 or not tokens:
             return
+        tokens = tuple(tokens)
         node, pos, now = self._root, 0, next(self._clock)
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
@@ -125,9 +129,14 @@ class RadixCache:
         return leaves
 
 
-def _common_length(key: tuple[int, ...], tokens: Sequence[int], start: int) -> int:
+def _common_length(key: tuple[int, ...], tokens: tuple[int, ...], start: int) -> int:
+    """How many leading tokens of ``key`` equal ``tokens[start:]``'s (compared as slices, in C)."""
     limit = min(len(key), len(tokens) - start)
+    if key[:limit] == tokens[start : start + limit]:  # the usual case: the whole edge (or prompt) matches
+        return limit
     i = 0
-    while i < limit and key[i] == tokens[start + i]:
+    while key[i : i + _BLOCK] == tokens[start + i : start + i + _BLOCK]:
+        i += _BLOCK
+    while key[i] == tokens[start + i]:  # a mismatch lies within this block
         i += 1
     return i

@@ -63,12 +63,25 @@ _FLUSHED = (
 _SSE_DONE = b"data: [DONE]\n\n"
 
 
+# One encoder each, made once: json.dumps with options builds a new JSONEncoder on every call.
+_SSE_ENCODER = json.JSONEncoder(ensure_ascii=False)
+#: The options of Starlette's ``JSONResponse.render``.
+_BODY_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _sse(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return b"data: " + _SSE_ENCODER.encode(payload).encode("utf-8") + b"\n\n"
+
+
+class _JSONResponse(JSONResponse):
+    """Starlette's JSONResponse, byte for byte, rendered with the shared encoder."""
+
+    def render(self, content: Any) -> bytes:
+        return _BODY_ENCODER.encode(content).encode("utf-8")
 
 
 def _json(status_code: int, body: Any) -> JSONResponse:
-    return JSONResponse(status_code=status_code, content=body)
+    return _JSONResponse(status_code=status_code, content=body)
 
 
 # --- auth ------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ which is what the simulated prefix cache needs. Counts are used for
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import hashlib
+import re
 from collections.abc import Sequence
 
 __all__ = ["BOS_TOKEN_ID", "CHARS_PER_TOKEN", "EOS_TOKEN_ID", "PseudoTokenizer", "VOCAB_SIZE"]
@@ -34,6 +36,10 @@ BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2
 _FIRST_BYTE_ID = 3
 _FIRST_PIECE_ID = _FIRST_BYTE_ID + 256
+#: What ``_tokenize`` cuts a text into first: runs of ASCII, and single other characters.
+_RUN = re.compile("[\\x00-\\x7f]+|[^\\x00-\\x7f]")
+#: Texts a :class:`PseudoTokenizer` remembers having registered the pieces of (see ``encode``).
+_REGISTERED_TEXTS = 256
 
 
 @functools.lru_cache(maxsize=65536)
@@ -45,37 +51,22 @@ def _piece_id(piece: str) -> int:
 @functools.lru_cache(maxsize=256)
 def _tokenize(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Token ids and, for each token, the character offset where the text it completes ends."""
-    if text.isascii():  # the common case, without the per-character loop
-        ends_ascii = tuple(range(CHARS_PER_TOKEN, len(text), CHARS_PER_TOKEN)) + ((len(text),) if text else ())
-        starts = range(0, len(text), CHARS_PER_TOKEN)
-        return tuple(_piece_id(text[i : i + CHARS_PER_TOKEN]) for i in starts), ends_ascii
     ids: list[int] = []
     ends: list[int] = []
-    run_start = None
-    for pos, char in enumerate(text):
-        if char.isascii():
-            if run_start is None:
-                run_start = pos
-            if pos + 1 - run_start == CHARS_PER_TOKEN:
-                ids.append(_piece_id(text[run_start : pos + 1]))
-                ends.append(pos + 1)
-                run_start = None
-            continue
-        if run_start is not None:
-            ids.append(_piece_id(text[run_start:pos]))
-            ends.append(pos)
-            run_start = None
-        if ord(char) <= 0xFFFF:
-            ids.append(_piece_id(char))
-            ends.append(pos + 1)
-            continue
-        encoded = char.encode("utf-8", "surrogatepass")
-        ids.extend(_FIRST_BYTE_ID + byte for byte in encoded)
-        # A character's text is out only with its last byte token.
-        ends.extend([pos] * (len(encoded) - 1) + [pos + 1])
-    if run_start is not None:
-        ids.append(_piece_id(text[run_start:]))
-        ends.append(len(text))
+    for match in _RUN.finditer(text):
+        run, start, end = match.group(), match.start(), match.end()
+        if run.isascii():  # pieces of CHARS_PER_TOKEN characters from the run's start
+            ids.extend(map(_piece_id, [run[i : i + CHARS_PER_TOKEN] for i in range(0, len(run), CHARS_PER_TOKEN)]))
+            ends.extend(range(start + CHARS_PER_TOKEN, end, CHARS_PER_TOKEN))
+            ends.append(end)
+        elif ord(run) <= 0xFFFF:
+            ids.append(_piece_id(run))
+            ends.append(end)
+        else:
+            encoded = run.encode("utf-8", "surrogatepass")
+            ids.extend(_FIRST_BYTE_ID + byte for byte in encoded)
+            # A character's text is out only with its last byte token.
+            ends.extend([start] * (len(encoded) - 1) + [end])
     return tuple(ids), tuple(ends)
 
 
@@ -84,16 +75,30 @@ class PseudoTokenizer:
 
     def __init__(self) -> None:
         self._pieces: dict[int, str] = {}
+        # The last texts whose pieces went into ``_pieces``: registering a text again changes
+        # nothing (the first text of an id wins), and the simulator sees the same prompts
+        # over and over, so a repeat skips the walk over its tokens. Bounded LRU.
+        self._registered: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def encode(self, text: str) -> list[int]:
         """Token ids for ``text`` (no BOS token is added)."""
         ids, ends = _tokenize(text)
+        if text in self._registered:
+            self._registered.move_to_end(text)
+        else:
+            self._register(text, ids, ends)
+        return list(ids)
+
+    def _register(self, text: str, ids: tuple[int, ...], ends: tuple[int, ...]) -> None:
+        """Remember the text of each piece of ``text`` (for ``decode``), unless its id has one already."""
         start = 0
         for token_id, end in zip(ids, ends, strict=True):
             if token_id >= _FIRST_PIECE_ID:
                 self._pieces.setdefault(token_id, text[start:end])
             start = end
-        return list(ids)
+        self._registered[text] = None
+        if len(self._registered) > _REGISTERED_TEXTS:
+            self._registered.popitem(last=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text for ``ids``; special tokens are skipped, byte runs decode as UTF-8, unknown ids as U+FFFD."""
