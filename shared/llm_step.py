@@ -24,7 +24,7 @@ from shared.llm import (
     replicas_for_role,
     server_constraint_kinds,
 )
-from shared.metrics import RetryKind, observe_llm_request, observe_llm_tokens, observe_retries
+from shared.metrics import RetryKind, StepPhase, observe_llm_request, observe_llm_tokens, observe_retries, step_phase
 from shared.models import TaskMode, utcnow
 from shared.pipeline import JobOutcome, Runtime, StepContext, StepDraft, end_task, open_step, store_step
 from shared.prompts import (
@@ -145,20 +145,22 @@ def run_llm_step(
     context = open_step(job, rt)
     if isinstance(context, JobOutcome):
         return context
-    prompt = render(context)
-    constrained = context.task.constrained
-    kinds = constraint_kinds(rt, llm_role, deadline=context.deadline) if constrained and llm_role is not LLMRole.SUMMARIZER else ALL_CONSTRAINT_KINDS
-    request = build_role_request(
-        llm_role,
-        prompt,
-        tools=context.tools,
-        settings=rt.settings,
-        constrained=constrained,
-        constraint_kinds=kinds,
-        rid=f"{job.task_id.hex}-{job.step_index}-{uuid.uuid4().hex[:8]}",
-        temperature=context.task.temperature,
-        max_new_tokens=context.task.max_new_tokens,
-    )
+    with step_phase(llm_role.value, StepPhase.PREPARE):
+        prompt = render(context)
+        constrained = context.task.constrained
+        use_grammar = constrained and llm_role is not LLMRole.SUMMARIZER
+        kinds = constraint_kinds(rt, llm_role, deadline=context.deadline) if use_grammar else ALL_CONSTRAINT_KINDS
+        request = build_role_request(
+            llm_role,
+            prompt,
+            tools=context.tools,
+            settings=rt.settings,
+            constrained=constrained,
+            constraint_kinds=kinds,
+            rid=f"{job.task_id.hex}-{job.step_index}-{uuid.uuid4().hex[:8]}",
+            temperature=context.task.temperature,
+            max_new_tokens=context.task.max_new_tokens,
+        )
     started = time.monotonic()
     started_at = utcnow()
     client = llm_client(rt, llm_role).for_task(job.task_id.hex)  # every step of a task on the same replica

@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
@@ -51,6 +53,8 @@ __all__ = [
     "LLM_TOKENS",
     "RetryKind",
     "PUBLISHED_AT_HEADER",
+    "StepPhase",
+    "step_phase",
     "exposition",
     "job_in_progress",
     "observe_dead_letter",
@@ -119,6 +123,31 @@ class DeadLetterKind(StrEnum):
     RATE_LIMITED = "rate_limited"
 
 
+class StepPhase(StrEnum):
+    """The parts of handling a job that are the system's own cost, around the model or tool call
+    (that call is ``umi_step_duration_seconds``; the wait before it is ``umi_queue_wait_seconds``)."""
+
+    #: ``open_step``: the task and its steps read from the database.
+    READ = "read"
+    #: The prompt rendered and the SGLang request built (LLM roles).
+    PREPARE = "prepare"
+    #: The step stored with its task's update, committed.
+    STORE = "store"
+    #: The follow-up job published and confirmed by the broker.
+    PUBLISH = "publish"
+
+
+#: Seconds, 0.25 ms to 1 s: a phase is a few database or broker round trips.
+PHASE_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0)
+STEP_PHASE_DURATION = Histogram(
+    "umi_step_phase_seconds",
+    "Wall time of each phase of handling a job: read, prepare, store, publish (the system's own cost).",
+    ["role", "phase"],
+    buckets=PHASE_BUCKETS,
+)
+STEP_PHASE_CPU = Counter(
+    "umi_step_phase_cpu_seconds_total", "CPU time the handling thread spent in each phase of handling jobs.", ["role", "phase"]
+)
 QUEUE_WAIT = Histogram(
     "umi_queue_wait_seconds", "Time from a job's publish to a worker starting it.", ["role"], buckets=DURATION_BUCKETS
 )
@@ -205,6 +234,10 @@ def initialize_role_metrics(role: str) -> None:
     """
     QUEUE_WAIT.labels(role=role)
     JOBS_IN_PROGRESS.labels(role=role)
+    for phase in StepPhase:
+        if phase is not StepPhase.PREPARE or role in {llm_role.value for llm_role in LLMRole}:
+            STEP_PHASE_DURATION.labels(role=role, phase=phase.value)
+            STEP_PHASE_CPU.labels(role=role, phase=phase.value)
     for outcome in ("continued", *(status.value for status in TERMINAL_STATUSES)):
         STEP_DURATION.labels(role=role, outcome=outcome)
     for kind in RetryKind:
@@ -261,6 +294,17 @@ def initialize_ingress_metrics() -> None:
     """Create the AMQP ingress consumer's series (``role="ingress"``) at zero: its dead letters by kind."""
     for reason in DeadLetterKind:
         DEAD_LETTERS.labels(role="ingress", reason=reason.value)
+
+
+@contextmanager
+def step_phase(role: str, phase: StepPhase) -> Iterator[None]:
+    """Time one phase of handling a job: its wall time and the CPU time of this thread."""
+    started, cpu_started = time.perf_counter(), time.thread_time()
+    try:
+        yield
+    finally:
+        STEP_PHASE_DURATION.labels(role=role, phase=phase.value).observe(time.perf_counter() - started)
+        STEP_PHASE_CPU.labels(role=role, phase=phase.value).inc(time.thread_time() - cpu_started)
 
 
 def observe_queue_wait(role: str, published_at: Any) -> None:

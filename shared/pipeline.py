@@ -33,7 +33,7 @@ from shared import crud, lifecycle
 from shared.db import get_engine, read_scope, session_scope
 from shared.dispatch import Dispatcher
 from shared.lifecycle import Actor, EndReason, TaskStatus
-from shared.metrics import observe_stored_step
+from shared.metrics import StepPhase, observe_stored_step, step_phase
 from shared.models import Step, StepContent, Task, utcnow
 from shared.prompts import NextRole, ToolDoc
 from shared.redaction import bound_text, secrets_redactor
@@ -168,6 +168,11 @@ def open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
     Two reads without a transaction (no lock is needed: :func:`store_step` checks the
     task again under its row lock); the task's first job also marks it running.
     """
+    with step_phase(job.role.value, StepPhase.READ):
+        return _open_step(job, rt)
+
+
+def _open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
     with read_scope(rt.engine) as session:
         task = crud.get_task(session=session, task_id=job.task_id)
         if task is None:
@@ -250,11 +255,12 @@ def store_step(
     """
     step = Step.model_validate(draft, update={"task_id": job.task_id, "index": job.step_index})
     try:
-        if draft.end_reason is None and also is None and rt.engine.dialect.name == "postgresql":
-            with read_scope(rt.engine) as session:  # autocommit: the one statement is the transaction
-                stored = crud.append_step_to_active_task(session=session, step=step)
-        else:
-            stored = _store_in_transaction(job, draft, step, rt, also)
+        with step_phase(job.role.value, StepPhase.STORE):
+            if draft.end_reason is None and also is None and rt.engine.dialect.name == "postgresql":
+                with read_scope(rt.engine) as session:  # autocommit: the one statement is the transaction
+                    stored = crud.append_step_to_active_task(session=session, step=step)
+            else:
+                stored = _store_in_transaction(job, draft, step, rt, also)
     except IntegrityError:
         logger.info("task %s step %d: another delivery stored it first", job.task_id, job.step_index)
         return JobOutcome.DUPLICATE
@@ -263,7 +269,8 @@ def store_step(
     observe_stored_step(job.role.value, draft.latency_s, draft.end_status)
     follow_up = follow_up_job(step)
     if follow_up is not None and draft.end_reason is None:
-        rt.dispatcher.dispatch(follow_up)
+        with step_phase(job.role.value, StepPhase.PUBLISH):
+            rt.dispatcher.dispatch(follow_up)
     return JobOutcome.STORED
 
 

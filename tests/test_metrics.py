@@ -128,6 +128,12 @@ def test_every_process_serves_metrics_and_they_add_up_to_the_stored_steps(deploy
         truth[("umi_step_duration_seconds_sum", (("role", role),))] = sum(step.latency_s or 0.0 for step in mine)
         truth[("umi_queue_wait_seconds_count", (("role", role),))] = len(mine)
         truth[("umi_jobs_in_progress", (("role", role),))] = 0
+        # Each job read once and stored once; every stored step but the task's last publishes its follow-up.
+        truth[("umi_step_phase_seconds_count", (("role", role), ("phase", "read")))] = len(mine)
+        truth[("umi_step_phase_seconds_count", (("role", role), ("phase", "store")))] = len(mine)
+        truth[("umi_step_phase_seconds_count", (("role", role), ("phase", "publish")))] = 0 if role == "summarizer" else len(mine)
+        if role != "tools":
+            truth[("umi_step_phase_seconds_count", (("role", role), ("phase", "prepare")))] = len(mine)
     for role in LLM_ROLES:
         mine = [step for step in steps if step.role == role]
         truth[("umi_llm_request_duration_seconds_count", (("role", role), ("outcome", "ok")))] = len(mine)
@@ -154,6 +160,10 @@ def test_every_process_serves_metrics_and_they_add_up_to_the_stored_steps(deploy
     waited = delta(before, scrape(deployment), "umi_queue_wait_seconds_sum")
     assert 0 < waited < truth[("umi_task_duration_seconds_sum", ())]
     assert sum(truth[("umi_llm_tokens_total", (("role", role), ("kind", "prompt")))] for role in LLM_ROLES) > 0
+    after = scrape(deployment)
+    for role in ("planner", "caller", "summarizer", "tools"):
+        assert delta(before, after, "umi_step_phase_cpu_seconds_total", role=role, phase="store") > 0
+        assert 0 < delta(before, after, "umi_step_phase_seconds_sum", role=role, phase="read") < waited + 60
 
 
 def test_dead_letters_are_counted_by_reason_kind(deployment: Deployment) -> None:
