@@ -39,9 +39,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from kombu import Connection, Exchange, Producer
+from pydantic import BaseModel
 from sqlalchemy import func, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -79,6 +80,13 @@ TENANT_HEADER = "x-umi-tenant-id"
 BATCH_SIZE = 200
 #: A failing relay logs its error at once, then at most this often until it recovers.
 ERROR_LOG_INTERVAL_S = 30.0
+#: The events on ``umi.events``: the routing key ``task.<id>.<kind>``, the message type ``umi.<kind>``.
+EventKind = Literal["step", "end"]
+
+
+def _end_message_id(task_id: uuid.UUID) -> str:
+    """The ``message_id`` of a task's end event and of its reply (a step's is ``<task>:<index>``)."""
+    return f"{task_id}:end"
 
 
 class ConnectionPool(Protocol):
@@ -122,25 +130,14 @@ class EventPublisher:
         events: Exchange
         timeout_s: float
 
-        def step(self, event: StepEvent, tenant_id: uuid.UUID) -> None:
-            """``task.<id>.step``, ``message_id`` ``<task>:<index>``."""
+        def event(self, kind: EventKind, body: BaseModel, *, task_id: uuid.UUID, message_id: str, tenant_id: uuid.UUID) -> None:
+            """``body`` on ``umi.events`` as ``task.<id>.<kind>``: a step (``message_id`` ``<task>:<index>``)
+            or the task's final state (``<task>:end``)."""
             self._publish(
-                event.model_dump_json(by_alias=True),
-                routing_key=f"task.{event.task_id}.step",
-                message_id=f"{event.task_id}:{event.index}",
-                event="step",
-                tenant_id=tenant_id,
-                exchange=self.events,
-                declare=[self.events],
-            )
-
-        def end(self, task: TaskPublic, tenant_id: uuid.UUID) -> None:
-            """``task.<id>.end``, ``message_id`` ``<task>:end``: the task's final state."""
-            self._publish(
-                task.model_dump_json(by_alias=True),
-                routing_key=f"task.{task.id}.end",
-                message_id=f"{task.id}:end",
-                event="end",
+                body.model_dump_json(by_alias=True),
+                routing_key=f"task.{task_id}.{kind}",
+                message_id=message_id,
+                event=kind,
                 tenant_id=tenant_id,
                 exchange=self.events,
                 declare=[self.events],
@@ -151,7 +148,7 @@ class EventPublisher:
             self._publish(
                 task.model_dump_json(by_alias=True),
                 routing_key=reply_to,
-                message_id=f"{task.id}:end",
+                message_id=_end_message_id(task.id),
                 event="end",
                 tenant_id=tenant_id,
                 correlation_id=correlation_id,
@@ -285,7 +282,9 @@ def relay_step_events(
         try:
             with publisher.open() as channel, _marking(session, Step, done, published_at=utcnow()):
                 for step, tenant_id in rows:
-                    channel.step(StepEvent.model_validate(step), tenant_id)
+                    event = StepEvent.model_validate(step)
+                    message_id = f"{event.task_id}:{event.index}"
+                    channel.event("step", event, task_id=event.task_id, message_id=message_id, tenant_id=tenant_id)
                     done.append(step.id)
         finally:
             result.steps += len(done)
@@ -318,7 +317,7 @@ def relay_task_ends(
             with publisher.open() as channel, _marking(session, Task, done, end_published_at=utcnow()):
                 for task in tasks:
                     final = crud.task_public(task=task, steps=steps.get(task.id, []))
-                    channel.end(final, task.tenant_id)
+                    channel.event("end", final, task_id=task.id, message_id=_end_message_id(task.id), tenant_id=task.tenant_id)
                     if task.reply_to:
                         channel.reply(final, task.tenant_id, reply_to=task.reply_to, correlation_id=task.correlation_id)
                         replies += 1

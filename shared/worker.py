@@ -235,7 +235,16 @@ def create_worker_app(
             raise Reject(f"could not dead-letter: {exc}", requeue=True) from exc
         return "dead_lettered"
 
-    @app.task(name=task_name(role), bind=True, acks_late=True, reject_on_worker_lost=True, Request=StepRequest)
+    class AppStepRequest(StepRequest):
+        def on_accepted(self, pid: int, time_accepted: float) -> None:
+            # Called in the pool's thread just before the task is traced, which looks its name up in the
+            # thread's current app (else the process default): this one, with several apps in one process.
+            app.set_current()
+            super().on_accepted(pid, time_accepted)
+
+    # shared=False: this app only (by default Celery adds the task to every app finalized later, where
+    # the name runs the first app's step with its runtime: `umi up` and tests build several apps).
+    @app.task(name=task_name(role), bind=True, acks_late=True, reject_on_worker_lost=True, Request=AppStepRequest, shared=False)
     def step(self: Any, payload: Any) -> str:
         observe_queue_wait(role.value, getattr(self.request, PUBLISHED_AT_HEADER, None))
         with job_in_progress(role.value):

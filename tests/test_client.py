@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from httpx_sse import ServerSentEvent
 from sqlmodel import select
 
 from shared.asgi import ServerThread
@@ -50,7 +51,7 @@ from umi_client import (
     UmiTimeout,
     Unauthorized,
 )
-from umi_client._core import error_for_response, parse
+from umi_client._core import DEFAULT_TIMEOUT, EventStream, error_for_response, parse
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +313,39 @@ def test_every_error_status_has_its_exception() -> None:
     assert error_for_response(httpx.Response(202, json={}, request=request)) is None
     with pytest.raises(UmiProtocolError, match="not a TaskAccepted"):
         parse(TaskAccepted, b'{"task": 1}', "POST /v1/tasks")
+
+
+def test_the_event_stream_policy_resumes_after_the_last_step_stops_at_the_end_and_gives_up_without_progress() -> None:
+    """The loop both clients run (``umi_client._core.EventStream``), without a server."""
+    task_id = uuid.uuid4()
+    http = httpx.Client(base_url="http://gateway")
+
+    def step(index: int) -> ServerSentEvent:
+        data = {"task_id": str(task_id), "index": index, "role": "planner", "output": "x", "created_at": "2026-01-01T00:00:00Z"}
+        return ServerSentEvent(event="step", data=json.dumps(data), id=str(index))
+
+    stream = EventStream(task_id, last_event_id=None, max_reconnects=1, deadline=None, timeout=None)
+    connections = stream.connections()
+    assert next(connections) == 0.0  # the first connection at once, from the start
+    assert "Last-Event-ID" not in stream.request(http, DEFAULT_TIMEOUT).headers
+    assert stream.take(ServerSentEvent(retry=250)) is None  # the server's retry hint
+    assert isinstance(stream.take(step(0)), StepEvent) and isinstance(stream.take(step(1)), StepEvent)
+    with stream.reading():
+        raise httpx.ReadError("connection reset")  # the connection drops
+    assert next(connections) == 0.25  # reopened after the hinted delay, after step 1
+    assert stream.request(http, DEFAULT_TIMEOUT).headers["Last-Event-ID"] == "1"
+    stream.take(step(2))  # progress: the drops in a row start again
+    assert next(connections) == 0.25  # the server closed the stream without the end: one drop
+    with pytest.raises(UmiConnectionError, match="dropped 2 times without progress: connection reset"):
+        next(connections)  # a second drop in a row without a step: more than max_reconnects
+
+    ending = EventStream(task_id, last_event_id=4, max_reconnects=1, deadline=None, timeout=None)
+    connections = ending.connections()
+    assert next(connections) == 0.0 and ending.request(http, DEFAULT_TIMEOUT).headers["Last-Event-ID"] == "4"
+    end = {"id": str(task_id), "query": "q", "status": "succeeded", "max_steps": 12, "deadline_at": "2026-01-01T00:00:00Z", "steps": []}
+    assert isinstance(ending.take(ServerSentEvent(event="end", data=json.dumps(end))), TaskPublic) and ending.ended
+    assert list(connections) == []  # nothing is opened after the end
+    http.close()
 
 
 def _lines(process: subprocess.Popen[str]) -> queue.Queue[str]:

@@ -160,6 +160,7 @@ def test_each_stored_step_then_the_end_is_published_once_as_the_api_shows_it(set
     assert messages[-1][2] == shown and shown["status"] == "cancelled"
     for (_, properties, body), message_id in zip(messages, [f"{task_id}:{i}" for i in range(4)] + [f"{task_id}:end"], strict=True):
         assert properties.message_id == message_id
+        assert properties.type == ("umi.end" if message_id.endswith(":end") else "umi.step")
         assert properties.content_type == "application/json" and properties.delivery_mode == 2
         assert properties.headers == {EVENT_VERSION_HEADER: 1, TENANT_HEADER: str(DEFAULT_TENANT_ID)}  # the task's tenant
     task, rows = stored(engine, task_id)
@@ -206,17 +207,19 @@ class FailingPublisher(EventPublisher):
         class Wrapped:
             def __enter__(self) -> Any:
                 channel = outer.__enter__()
-                original = channel.step
+                original = channel.event
 
-                def step(*args: Any, **kwargs: Any) -> None:
+                def event(kind: str, *args: Any, **kwargs: Any) -> None:
+                    if kind != "step":
+                        return original(kind, *args, **kwargs)
                     publisher.sent += 1
                     if publisher.sent == publisher.at and not publisher.confirmed:
                         raise publisher.error
-                    original(*args, **kwargs)
+                    original(kind, *args, **kwargs)
                     if publisher.sent == publisher.at:
                         raise publisher.error
 
-                channel.step = step  # type: ignore[method-assign]
+                channel.event = event  # type: ignore[method-assign]
                 return channel
 
             def __exit__(self, *exc: Any) -> Any:

@@ -10,7 +10,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeAlias, TypeVar
 
 import httpx
@@ -23,6 +24,7 @@ from shared.schemas import StepEvent, TaskCreate, TaskPublic
 __all__ = [
     "ClientConfig",
     "DEFAULT_TIMEOUT",
+    "EventStream",
     "TaskEvent",
     "check_event_stream",
     "decode_event",
@@ -38,6 +40,8 @@ __all__ = [
 #: (the events route sends a keep-alive comment every 15 s by default, well inside it).
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=5.0)
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
+#: How long to wait before reopening a dropped event stream, until the server's ``retry:`` hint says.
+RECONNECT_S = 1.0
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -218,3 +222,105 @@ def timed_out(task_id: uuid.UUID | str, timeout: float | None) -> errors.UmiTime
 def stream_gave_up(task_id: uuid.UUID | str, drops: int, last: Exception | None) -> errors.UmiConnectionError:
     """The error of an event stream that dropped ``drops`` times in a row without a new event."""
     return errors.UmiConnectionError(f"the event stream of task {task_id} dropped {drops} times without progress: {last}")
+
+
+class EventStream:
+    """Following a task's events across connections — the policy both clients' loops share, without I/O.
+
+    Each connection resumes after the last step seen (``Last-Event-ID``), so no step is missed
+    or repeated; the stream ends with the end event. A connection that drops (or stays silent
+    past its read timeout) is reopened after the server's ``retry:`` hint, at most
+    ``max_reconnects`` times in a row without a new step and never past ``deadline`` (a
+    ``time.monotonic()`` value). A client's loop::
+
+        for delay in stream.connections():
+            sleep(delay)
+            response = send(stream.request(http, timeout))      # retried as any call
+            with closing(response), stream.reading():
+                for source_event in EventSource(check_event_stream(response)).iter_sse():
+                    if (event := stream.take(source_event)) is not None:
+                        yield event
+                    if stream.ended:
+                        break
+    """
+
+    def __init__(
+        self,
+        task_id: uuid.UUID | str,
+        *,
+        last_event_id: int | None,
+        max_reconnects: int,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> None:
+        self.task_id = task_id
+        #: The last step seen: the next connection's ``Last-Event-ID``.
+        self.after = last_event_id
+        self.max_reconnects = max_reconnects
+        self.deadline = deadline
+        #: ``wait``'s timeout, for its error.
+        self.timeout = timeout
+        #: What a failed connection attempt is called in its error.
+        self.what = f"events of task {task_id}"
+        #: Whether the end event was taken (the stream is over).
+        self.ended = False
+        self.drops = 0
+        self.reconnect_s = RECONNECT_S
+        self.last_error: Exception | None = None
+        self._error: Exception | None = None
+
+    def connections(self) -> Iterator[float]:
+        """One item per connection to open: the seconds to wait before opening it; over once the end was taken.
+
+        Raises :class:`~umi_client.errors.UmiTimeout` past the deadline and
+        :class:`~umi_client.errors.UmiConnectionError` after too many drops without progress.
+        """
+        delay = 0.0
+        while True:
+            self._error = None
+            yield delay
+            if self.ended:
+                return
+            delay = self._dropped(self._error)
+
+    def request(self, http: httpx.Client | httpx.AsyncClient, timeout: httpx.Timeout) -> httpx.Request:
+        """The next connection's ``GET /v1/tasks/{id}/events``, its read bounded by the time left."""
+        url, headers = f"/v1/tasks/{self.task_id}/events", events_headers(self.after)
+        return http.build_request("GET", url, headers=headers, timeout=stream_timeout(timeout, self.deadline))
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around reading one connection: a transport error (dropped, or silent past the read timeout) ends it, to be resumed."""
+        try:
+            yield
+        except httpx.TransportError as exc:
+            self._error = exc
+
+    def take(self, source_event: ServerSentEvent) -> TaskEvent | None:
+        """Decode one received event, remembering the server's retry hint and the last step's id.
+
+        Past the deadline anything but the end raises :class:`~umi_client.errors.UmiTimeout`
+        (keep-alives arrive as empty events, so a silent task is noticed too).
+        """
+        if source_event.retry is not None:
+            self.reconnect_s = source_event.retry / 1000
+        event = decode_event(source_event)
+        if isinstance(event, TaskPublic):
+            self.ended = True
+            return event
+        if isinstance(event, StepEvent):
+            self.after = event.index
+            self.drops = 0
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise timed_out(self.task_id, self.timeout)
+        return event
+
+    def _dropped(self, error: Exception | None) -> float:
+        """Count a drop; the delay before reconnecting, or raise when out of time or patience."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise timed_out(self.task_id, self.timeout)
+        self.drops += 1
+        self.last_error = error or self.last_error
+        if self.drops > self.max_reconnects:
+            raise stream_gave_up(self.task_id, self.drops, self.last_error)
+        return self.reconnect_s

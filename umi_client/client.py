@@ -22,24 +22,21 @@ from typing import Any
 
 import httpx
 import stamina
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import EventSource
 
 from shared.lifecycle import TERMINAL_STATUSES, TaskStatus
-from shared.schemas import StepEvent, TaskAccepted, TaskCreate, TaskPage, TaskPublic
+from shared.schemas import TaskAccepted, TaskCreate, TaskPage, TaskPublic
 from umi_client._core import (
     DEFAULT_TIMEOUT,
     ClientConfig,
+    EventStream,
     M,
     TaskEvent,
     check_event_stream,
-    decode_event,
     error_for_response,
-    events_headers,
     parse,
     remaining_s,
     retry_hook,
-    stream_gave_up,
-    stream_timeout,
     submit_request,
     timed_out,
     transport_error,
@@ -47,10 +44,6 @@ from umi_client._core import (
 from umi_client.errors import NotFound, ServiceUnavailable, UmiConnectionError, UmiProtocolError
 
 __all__ = ["AsyncUmiClient", "UmiClient"]
-
-#: How long to wait before reopening a dropped event stream, until the server's ``retry:`` hint says.
-_RECONNECT_S = 1.0
-
 
 class _ClientBase:
     """Configuration and the request plumbing both clients share."""
@@ -84,9 +77,12 @@ class _ClientBase:
             wait_jitter=0.2,
         )
 
-    def _events_request(self, http: httpx.Client | httpx.AsyncClient, task_id: uuid.UUID | str, after: int | None, deadline: float | None) -> httpx.Request:
-        return http.build_request(
-            "GET", f"/v1/tasks/{task_id}/events", headers=events_headers(after), timeout=stream_timeout(self.timeout, deadline)
+    def _event_stream(
+        self, task_id: uuid.UUID | str, last_event_id: int | None, deadline: float | None, timeout: float | None
+    ) -> EventStream:
+        """Where a new event stream of the task starts (see :class:`~umi_client._core.EventStream`)."""
+        return EventStream(
+            task_id, last_event_id=last_event_id, max_reconnects=self.config.max_reconnects, deadline=deadline, timeout=timeout
         )
 
     def _poll_delay(self, task: TaskPublic, deadline: float | None, timeout: float | None) -> float | None:
@@ -103,50 +99,6 @@ def _raise_for(response: httpx.Response) -> httpx.Response:
     if error is not None:
         raise error
     return response
-
-
-class _StreamState:
-    """Where an event stream stands: the last step seen, drops in a row, the reconnection delay, the deadline."""
-
-    def __init__(
-        self, task_id: uuid.UUID | str, last_event_id: int | None, max_reconnects: int, deadline: float | None, timeout: float | None
-    ) -> None:
-        self.task_id = task_id
-        self.after = last_event_id
-        self.max_reconnects = max_reconnects
-        self.deadline = deadline
-        self.timeout = timeout
-        self.drops = 0
-        self.reconnect_s = _RECONNECT_S
-        self.last_error: Exception | None = None
-
-    def take(self, source_event: ServerSentEvent) -> TaskEvent | None:
-        """Decode one received event, remembering the server's retry hint and the last step's id.
-
-        Past the deadline anything but the end raises :class:`~umi_client.errors.UmiTimeout`
-        (keep-alives arrive as empty events, so a silent task is noticed too).
-        """
-        if source_event.retry is not None:
-            self.reconnect_s = source_event.retry / 1000
-        event = decode_event(source_event)
-        if isinstance(event, TaskPublic):
-            return event
-        if isinstance(event, StepEvent):
-            self.after = event.index
-            self.drops = 0
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise timed_out(self.task_id, self.timeout)
-        return event
-
-    def dropped(self, error: Exception | None) -> float:
-        """Count a drop; the delay before reconnecting, or raise when out of time or patience."""
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise timed_out(self.task_id, self.timeout)
-        self.drops += 1
-        self.last_error = error or self.last_error
-        if self.drops > self.max_reconnects:
-            raise stream_gave_up(self.task_id, self.drops, self.last_error)
-        return self.reconnect_s
 
 
 class UmiClient(_ClientBase):
@@ -228,22 +180,19 @@ class UmiClient(_ClientBase):
     def _stream(
         self, task_id: uuid.UUID | str, *, last_event_id: int | None, deadline: float | None, timeout: float | None
     ) -> Generator[TaskEvent, None, None]:
-        state = _StreamState(task_id, last_event_id, self.config.max_reconnects, deadline, timeout)
-        while True:
-            error: Exception | None = None
-            request = self._events_request(self._http, task_id, state.after, deadline)
-            response = self._call(lambda: self._http.send(request, stream=True), idempotent=True, what=f"events of task {task_id}", deadline=deadline)
-            try:
+        stream = self._event_stream(task_id, last_event_id, deadline, timeout)
+        for delay in stream.connections():
+            time.sleep(delay)
+            request = stream.request(self._http, self.timeout)
+            response = self._call(
+                lambda: self._http.send(request, stream=True), idempotent=True, what=stream.what, deadline=deadline
+            )
+            with contextlib.closing(response), stream.reading():
                 for source_event in EventSource(check_event_stream(response)).iter_sse():
-                    if (event := state.take(source_event)) is not None:
+                    if (event := stream.take(source_event)) is not None:
                         yield event
-                        if isinstance(event, TaskPublic):
-                            return
-            except httpx.TransportError as exc:  # dropped (or silent past the read timeout): resume
-                error = exc
-            finally:
-                response.close()
-            time.sleep(state.dropped(error))
+                    if stream.ended:
+                        break
 
     def wait(self, task_id: uuid.UUID | str, *, timeout: float | None = None) -> TaskPublic:
         """Block until the task ends and return it, following its events (falling back to polling
@@ -336,24 +285,20 @@ class AsyncUmiClient(_ClientBase):
     async def _stream(
         self, task_id: uuid.UUID | str, *, last_event_id: int | None, deadline: float | None, timeout: float | None
     ) -> AsyncGenerator[TaskEvent, None]:
-        state = _StreamState(task_id, last_event_id, self.config.max_reconnects, deadline, timeout)
-        while True:
-            error: Exception | None = None
-            request = self._events_request(self._http, task_id, state.after, deadline)
+        stream = self._event_stream(task_id, last_event_id, deadline, timeout)
+        for delay in stream.connections():
+            await asyncio.sleep(delay)
+            request = stream.request(self._http, self.timeout)
             response = await self._call(
-                lambda: self._http.send(request, stream=True), idempotent=True, what=f"events of task {task_id}", deadline=deadline
+                lambda: self._http.send(request, stream=True), idempotent=True, what=stream.what, deadline=deadline
             )
-            try:
-                async for source_event in EventSource(check_event_stream(response)).aiter_sse():
-                    if (event := state.take(source_event)) is not None:
-                        yield event
-                        if isinstance(event, TaskPublic):
-                            return
-            except httpx.TransportError as exc:  # dropped (or silent past the read timeout): resume
-                error = exc
-            finally:
-                await response.aclose()
-            await asyncio.sleep(state.dropped(error))
+            async with contextlib.aclosing(response):
+                with stream.reading():
+                    async for source_event in EventSource(check_event_stream(response)).aiter_sse():
+                        if (event := stream.take(source_event)) is not None:
+                            yield event
+                        if stream.ended:
+                            break
 
     async def wait(self, task_id: uuid.UUID | str, *, timeout: float | None = None) -> TaskPublic:
         """As :meth:`UmiClient.wait`, awaited."""
