@@ -39,6 +39,16 @@ def test_umi_bench_reports_every_figure(tmp_path: Path) -> None:
         assert 0 < run_["hop"]["p50"] <= run_["hop"]["p99"] < 30
         assert set(run_["step_by_role"]) == ROLES and set(run_["work_by_role"]) == ROLES
         assert set(run_["queue_wait_mean_s"]) == ROLES
+        # Each job's phases, from the workers' metrics: every role reads and stores, LLM roles prepare,
+        # and every step but a task's last publishes its follow-up.
+        phases = run_["phases"]
+        assert set(phases) == ROLES
+        steps_of = {role: run_["step_by_role"][role]["count"] for role in ROLES}
+        for role in ROLES:
+            assert phases[role]["read"]["jobs"] == phases[role]["store"]["jobs"] == steps_of[role]
+            assert all(cost["wall_ms"] > 0 and cost["cpu_ms"] >= 0 for cost in phases[role].values())
+        assert {role for role in ROLES if "prepare" in phases[role]} == ROLES - {"tools"}
+        assert "publish" not in phases["summarizer"] and phases["planner"]["publish"]["jobs"] == steps_of["planner"]
         assert run_["end_to_end"]["count"] == run_["tasks"]
         assert {name.split(":")[0] for name in run_["cpu_ms_per_step"]} == ROLES | {"bench"}
         assert all(value > 0 for value in run_["cpu_ms_per_step"].values())

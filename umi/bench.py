@@ -153,6 +153,14 @@ class RssSample(BaseModel):
     mib: dict[str, float]
 
 
+class PhaseCost(BaseModel):
+    """One phase of handling a job (``shared.metrics.StepPhase``), mean per job of the run."""
+
+    jobs: int
+    wall_ms: float
+    cpu_ms: float
+
+
 class ProductRun(BaseModel):
     """Tasks through the product: throughput and the stored steps' timings."""
 
@@ -175,6 +183,9 @@ class ProductRun(BaseModel):
     hop_after_work: Percentiles
     #: publish → worker start, from the workers' umi_queue_wait_seconds (mean per role, this run only)
     queue_wait_mean_s: dict[str, float]
+    #: per role and phase (read, prepare, store, publish): mean wall and CPU per job, from the
+    #: workers' umi_step_phase_seconds and umi_step_phase_cpu_seconds_total (this run only)
+    phases: dict[str, dict[str, PhaseCost]] = Field(default_factory=dict)
     #: per role: latency_s (model or tool time) and stored-to-stored step time
     work_by_role: dict[str, Percentiles]
     step_by_role: dict[str, Percentiles]
@@ -381,35 +392,48 @@ def product_figures(
     )
 
 
-def queue_wait_totals(system: Deployment) -> dict[str, tuple[float, float]]:
-    """``umi_queue_wait_seconds`` (sum, count) per role, summed over the worker processes."""
-    totals: dict[str, tuple[float, float]] = {}
+#: (role, sample name, phase label or "") → value summed over a role's worker processes.
+WorkerSamples = dict[tuple[str, str, str], float]
+_WORKER_FAMILIES = frozenset({"umi_queue_wait_seconds", "umi_step_phase_seconds", "umi_step_phase_cpu_seconds"})
+
+
+def worker_samples(system: Deployment) -> WorkerSamples:
+    """The queue-wait and step-phase samples (sums, counts, CPU totals) of every worker process."""
+    totals: WorkerSamples = {}
     for role, urls in system.metrics_urls().items():
         for url in urls if role != "gateway" else []:
-            body = httpx.get(url, timeout=5).text
-            for family in text_string_to_metric_families(body):
-                if family.name != "umi_queue_wait_seconds":
+            for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+                if family.name not in _WORKER_FAMILIES:
                     continue
                 for sample in family.samples:
-                    total, count = totals.get(role, (0.0, 0.0))
-                    if sample.name.endswith("_sum"):
-                        totals[role] = (total + sample.value, count)
-                    elif sample.name.endswith("_count"):
-                        totals[role] = (total, count + sample.value)
+                    if sample.name.endswith(("_sum", "_count", "_total")):
+                        key = (role, sample.name, sample.labels.get("phase", ""))
+                        totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 
 
-def _mean_wait(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
-    means = {}
-    for role, (total, count) in after.items():
-        total0, count0 = before.get(role, (0.0, 0.0))
-        if count > count0:
-            means[role] = (total - total0) / (count - count0)
-    return means
+def waits_and_phases(before: WorkerSamples, after: WorkerSamples) -> tuple[dict[str, float], dict[str, dict[str, PhaseCost]]]:
+    """Mean queue wait per role, and mean wall and CPU per job of each phase, between two scrapes."""
+
+    def moved(role: str, name: str, phase: str = "") -> float:
+        return after.get((role, name, phase), 0.0) - before.get((role, name, phase), 0.0)
+
+    waits: dict[str, float] = {}
+    phases: dict[str, dict[str, PhaseCost]] = {}
+    for role, name, phase in after:
+        if name == "umi_queue_wait_seconds_count" and (count := moved(role, name)) > 0:
+            waits[role] = moved(role, "umi_queue_wait_seconds_sum") / count
+        elif name == "umi_step_phase_seconds_count" and (count := moved(role, name, phase)) > 0:
+            phases.setdefault(role, {})[phase] = PhaseCost(
+                jobs=round(count),
+                wall_ms=1000 * moved(role, "umi_step_phase_seconds_sum", phase) / count,
+                cpu_ms=1000 * moved(role, "umi_step_phase_cpu_seconds_total", phase) / count,
+            )
+    return waits, phases
 
 
 def run_product(system: Deployment, records: list[dict[str, Any]], *, tasks: int, concurrency: int, latency: str, options: BenchOptions) -> ProductRun:
-    waits = queue_wait_totals(system)
+    samples_before = worker_samples(system)
     cpu = cpu_seconds(system)
     samples: list[RssSample] = []
     ids, wall = drive_product(
@@ -417,9 +441,9 @@ def run_product(system: Deployment, records: list[dict[str, Any]], *, tasks: int
         on_interval=lambda elapsed: samples.append(RssSample(elapsed_s=elapsed, mib=worker_rss_mib(system))),
     )
     cpu_after = cpu_seconds(system)
-    run = product_figures(
-        system, ids, wall, latency=latency, concurrency=concurrency, threads=options.threads, queue_wait=_mean_wait(waits, queue_wait_totals(system))
-    )
+    waits, phases = waits_and_phases(samples_before, worker_samples(system))
+    run = product_figures(system, ids, wall, latency=latency, concurrency=concurrency, threads=options.threads, queue_wait=waits)
+    run.phases = phases
     run.rss_samples = samples
     run.cpu_s = {name: cpu_after[name] - cpu.get(name, 0.0) for name in cpu_after}
     # A worker's CPU per step of its own role; this process's per stored step of any role.
@@ -675,6 +699,11 @@ def format_report(report: BenchReport) -> str:
             f"    stored → next work starts   {_dist(run.hop_before_work)}",
             f"    work ends → row built       {_dist(run.hop_after_work)}",
             "    queue wait (metric, mean)   " + "  ".join(f"{role} {_ms(v)} ms" for role, v in sorted(run.queue_wait_mean_s.items())),
+            "    phases, mean wall / CPU ms per job (metrics):",
+            *(
+                f"      {role:<10} " + "  ".join(f"{phase} {cost.wall_ms:.2f} / {cost.cpu_ms:.2f}" for phase, cost in sorted(costs.items()))
+                for role, costs in sorted(run.phases.items())
+            ),
         ]
         for role in (r.value for r in ROLES):
             if role in run.step_by_role:
