@@ -290,36 +290,28 @@ def claim_tool_call(
 ) -> ToolCallClaim:
     """Claim the right to run the tool call of step ``step_index`` for ``owner``, under a lease of ``lease_s``.
 
-    A fresh claim is inserted (two racing inserts: the loser gets an ``IntegrityError``).
+    A fresh claim is inserted (``INSERT … ON CONFLICT DO NOTHING``: of two racing inserts the
+    loser finds the winner's claim, once it is committed, and looks at it as below).
     An unfinished claim whose lease lapsed is taken over and counts an attempt; one
     whose lease is live belongs to a running owner and is left alone, whatever the
     broker says about redelivery: a live worker that lost its broker connection
     still finishes its call.
     """
-    fresh = _insert_fresh_claim(
-        session=session, task_id=task_id, step_index=step_index, tool_name=tool_name, arguments=arguments, owner=owner, lease_s=lease_s
-    )
-    if fresh is not None:
-        return ToolCallClaim(state=ClaimState.ACQUIRED, call=fresh)
-    now = database_now(session)
+    while True:
+        fresh = _insert_fresh_claim(
+            session=session, task_id=task_id, step_index=step_index, tool_name=tool_name, arguments=arguments, owner=owner,
+            lease_s=lease_s,
+        )  # fmt: skip
+        if fresh is not None:
+            return ToolCallClaim(state=ClaimState.ACQUIRED, call=fresh)
+        now = database_now(session)
+        existing = session.exec(
+            select(ToolCall).where(ToolCall.task_id == task_id, ToolCall.step_index == step_index).with_for_update()
+        ).first()
+        if existing is not None:
+            break
+        # The claim the insert ran into is gone (its task was deleted meanwhile): claim again.
     lease = timedelta(seconds=lease_s)
-    existing = session.exec(
-        select(ToolCall).where(ToolCall.task_id == task_id, ToolCall.step_index == step_index).with_for_update()
-    ).first()
-    if existing is None:
-        call = ToolCall(
-            task_id=task_id,
-            step_index=step_index,
-            tool_name=tool_name,
-            arguments=arguments,
-            status=ToolCallStatus.RUNNING,
-            owner=owner,
-            lease_expires_at=now + lease,
-            started_at=now,
-        )
-        session.add(call)
-        session.flush()
-        return ToolCallClaim(state=ClaimState.ACQUIRED, call=call)
     if existing.status != ToolCallStatus.RUNNING:
         return ToolCallClaim(state=ClaimState.COMPLETED, call=existing)
     if existing.owner == owner:

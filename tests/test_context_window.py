@@ -67,25 +67,7 @@ def test_a_prompt_that_fits_after_tokenizing_stays_text(small_context_simulator:
 
 
 def test_the_planner_step_of_a_long_trajectory_is_generated_from_the_cut_prompt(tmp_path: Path, small_context_simulator: str) -> None:
-    record = load_trajectories()[2]
-    turns = record["conversations"]
-    last_observation = max(i for i, turn in enumerate(turns) if turn["from"] == "observation")
-    rt = Runtime(
-        settings=sqlite_settings(tmp_path, small_context_simulator, context_length=CONTEXT, max_new_tokens=OUTPUT),
-        dispatcher=CollectingDispatcher(),
-    )
-    with session_scope(rt.engine) as session:
-        task = crud.create_task(
-            session=session,
-            task_in=TaskCreate(query=turns[0]["value"], tools=record["tools"], history=turns[1 : last_observation + 1]),
-            max_steps=12,
-            timeout_s=60,
-            constrained=True,
-        )
-    job = StepJob(task_id=task.id, step_index=last_observation + 1, role=StepRole.PLANNER)
-    assert run_job(rt, job) is JobOutcome.STORED
-    planner = stored_steps(rt, task.id)[-1]
-    assert planner.role == "planner" and planner.prompt_tokens == CONTEXT - OUTPUT
+    assert _run_long_planner_step(tmp_path, small_context_simulator, CONTEXT) == CONTEXT - OUTPUT
 
 
 EMOJI = "\U0001F600"
