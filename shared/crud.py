@@ -111,15 +111,9 @@ _TOUCH_ACTIVE_TASK = (
 )
 _STEP_COLUMNS = tuple(column.key for column in _STEP_TABLE.columns if column.key != "id")
 _INSERT_STEP = insert(_STEP_TABLE)
-# PostgreSQL: touch the task if it is active and insert the step, as one statement (bind names
+# PostgreSQL: touch the task as above and insert the step, as one statement (the step's bind names
 # apart from the column names, which SQLAlchemy reserves; each value cast so a NULL has its type).
-_TOUCHED = (
-    update(_TASK_TABLE)
-    .where(_TASK_TABLE.c.id == bindparam("p_task_id", type_=_TASK_TABLE.c.id.type), _TASK_TABLE.c.status.in_(ACTIVE_STATUSES))
-    .values(updated_at=bindparam("p_now"))
-    .returning(_TASK_TABLE.c.id)
-    .cte("touched")
-)
+_TOUCHED = _TOUCH_ACTIVE_TASK.cte("touched")
 _APPEND_STEP = (
     insert(_STEP_TABLE)
     .from_select(
@@ -171,7 +165,7 @@ def append_step_to_active_task(*, session: Session, step: Step) -> bool:
     a step already stored raises ``IntegrityError``.
     """
     params = {f"p_{key}": getattr(step, key) for key in _STEP_COLUMNS}
-    params["p_now"] = utcnow()
+    params.update(task_id=step.task_id, now=utcnow())  # the task update's parameters
     return session.execute(_APPEND_STEP, params).first() is not None
 
 

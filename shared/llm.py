@@ -36,6 +36,7 @@ from shared.sglang_client import (
     GenerateRequest,
     LLMTimeout,
     SamplingParams,
+    ServerInfo,
     SGLangClient,
     SGLangError,
     SGLangRequestError,
@@ -45,6 +46,7 @@ __all__ = [
     "GRAMMAR_BACKEND_KINDS",
     "build_role_request",
     "client_for_role",
+    "constraint_kinds_of",
     "fit_to_context",
     "is_context_overflow",
     "replicas_for_role",
@@ -75,24 +77,29 @@ ALL_CONSTRAINT_KINDS = GRAMMAR_BACKEND_KINDS[DEFAULT_GRAMMAR_BACKEND]
 
 
 def server_constraint_kinds(client: LLMEndpoint, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
-    """The constraint kinds ``role``'s SGLang server can compile, from its ``--grammar-backend``.
+    """The constraint kinds ``role``'s SGLang server can compile, from its ``--grammar-backend``."""
+    return constraint_kinds_of(client.server_info(deadline=deadline), role, server=client.base_url)
+
+
+def constraint_kinds_of(info: ServerInfo, role: LLMRole, *, server: str) -> frozenset[str]:
+    """The constraint kinds a server with ``info`` (its ``/server_info``) compiles for ``role``.
 
     The caller's grammar is EBNF, which only ``xgrammar`` and ``llguidance`` compile; on
     another backend the caller generates unconstrained (and the planner keeps its regex
     where the backend has regex), with a warning naming the fix.
     """
-    backend = client.server_info(deadline=deadline).grammar_backend or DEFAULT_GRAMMAR_BACKEND
+    backend = info.grammar_backend or DEFAULT_GRAMMAR_BACKEND
     kinds = GRAMMAR_BACKEND_KINDS.get(backend)
     if kinds is None:
         logger.warning("%s SGLang server at %s reports grammar backend %r; assuming it compiles every constraint",
-                       role.value, client.base_url, backend)
+                       role.value, server, backend)
         return ALL_CONSTRAINT_KINDS
     needed = _ROLE_CONSTRAINT_KIND.get(role)
     if needed is not None and needed not in kinds:
         logger.warning(
             "%s SGLang server at %s runs --grammar-backend %s, which cannot compile the %s's %s constraint: "
             "%s requests go unconstrained (run SGLang with --grammar-backend xgrammar or llguidance)",
-            role.value, client.base_url, backend, role.value, needed, role.value,
+            role.value, server, backend, role.value, needed, role.value,
         )
     return kinds
 

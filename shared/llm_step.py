@@ -19,10 +19,10 @@ from shared.lifecycle import EndReason
 from shared.llm import (
     ALL_CONSTRAINT_KINDS,
     build_role_request,
+    constraint_kinds_of,
     fit_to_context,
     is_context_overflow,
     replicas_for_role,
-    server_constraint_kinds,
 )
 from shared.metrics import RetryKind, StepPhase, observe_llm_request, observe_llm_tokens, observe_retries, step_phase
 from shared.models import TaskMode, utcnow
@@ -37,9 +37,9 @@ from shared.prompts import (
 from shared.replicas import ReplicaSet, RoutedClient
 from shared.roles import LLMRole
 from shared.schemas import StepJob
-from shared.sglang_client import GenerateRequest, GenerateResult, SGLangError
+from shared.sglang_client import GenerateRequest, GenerateResult, ServerInfo, SGLangError
 
-__all__ = ["constraint_kinds", "grammar_backend_check", "llm_client", "refuses_long_prompts", "run_llm_step"]
+__all__ = ["constraint_kinds", "grammar_backend_check", "llm_client", "refuses_long_prompts", "run_llm_step", "server_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,46 +49,53 @@ def llm_client(rt: Runtime, role: LLMRole) -> ReplicaSet:
     return rt.resource(f"llm:{role.value}", lambda: replicas_for_role(role, rt.settings))
 
 
-def constraint_kinds(rt: Runtime, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
-    """What ``role``'s SGLang server's grammar backend compiles, asked once per process.
+def server_info(rt: Runtime, role: LLMRole, *, deadline: float | None = None) -> ServerInfo | None:
+    """``role``'s SGLang server's ``/server_info``, asked once per process.
 
-    A server that cannot be asked right now (still loading, unreachable) is assumed to run
-    SGLang's default backend; it is asked again next time.
+    None while the server cannot be asked (still loading, unreachable); it is asked again next time.
+    """
+    name = f"server-info:{role.value}"
+    known = rt.resources.get(name)
+    if known is not None:
+        return known
+    try:
+        info = llm_client(rt, role).server_info(deadline=deadline)
+    except SGLangError as exc:
+        logger.info("could not read the %s server's /server_info: %s", role.value, exc)
+        return None
+    return rt.resource(name, lambda: info)
+
+
+def constraint_kinds(rt: Runtime, role: LLMRole, *, deadline: float | None = None) -> frozenset[str]:
+    """What ``role``'s SGLang server's grammar backend compiles (from :func:`server_info`).
+
+    A server that cannot be asked right now is assumed to run SGLang's default backend.
     """
     name = f"grammar:{role.value}"
     known = rt.resources.get(name)
     if known is not None:
         return known
-    try:
-        kinds = server_constraint_kinds(llm_client(rt, role), role, deadline=deadline)
-    except SGLangError as exc:
-        logger.info("could not read the %s server's grammar backend (%s); assuming xgrammar", role.value, exc)
-        return ALL_CONSTRAINT_KINDS
+    info = server_info(rt, role, deadline=deadline)
+    if info is None:
+        return ALL_CONSTRAINT_KINDS  # assume xgrammar until the server answers
+    # Kept, so a backend that lacks the role's constraint is warned about once per process.
+    kinds = constraint_kinds_of(info, role, server=llm_client(rt, role).base_url)
     return rt.resource(name, lambda: kinds)
 
 
 def refuses_long_prompts(rt: Runtime, role: LLMRole, *, deadline: float | None = None) -> bool:
-    """Whether ``role``'s SGLang server answers 400 to a prompt beyond its context, asked once per process.
+    """Whether ``role``'s SGLang server answers 400 to a prompt beyond its context (from :func:`server_info`).
 
-    Such a server (``allow_auto_truncate`` false in ``/server_info``) is sent a long prompt
-    as it is, and only a refusal costs a ``/tokenize``: most prompts that exceed the byte
-    bound fit in tokens, so this saves a round trip per step. A server that truncates by
-    itself (keeping the prompt's start, where α-UMi keeps its end), a router, or one that
-    cannot be asked now gets every long prompt tokenized and cut first.
+    Such a server (``allow_auto_truncate`` false) is sent a long prompt as it is, and only a
+    refusal costs a ``/tokenize``: most prompts that exceed the byte bound fit in tokens, so
+    this saves a round trip per step. A server that truncates by itself (keeping the prompt's
+    start, where α-UMi keeps its end), a router, or one that cannot be asked now gets every
+    long prompt tokenized and cut first.
     """
-    name = f"refuses-long-prompts:{role.value}"
-    known = rt.resources.get(name)
-    if known is not None:
-        return bool(known)
-    client = llm_client(rt, role)
-    if not client.serves_tokenize:
-        return rt.resource(name, lambda: False)
-    try:
-        refuses = client.server_info(deadline=deadline).allow_auto_truncate is False
-    except SGLangError as exc:
-        logger.info("could not read the %s server's --allow-auto-truncate (%s); tokenizing long prompts first", role.value, exc)
+    if not llm_client(rt, role).serves_tokenize:
         return False
-    return rt.resource(name, lambda: refuses)
+    info = server_info(rt, role, deadline=deadline)
+    return info is not None and info.allow_auto_truncate is False
 
 
 #: How long a worker's start-up waits for its SGLang server's ``/server_info``.

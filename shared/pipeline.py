@@ -184,7 +184,7 @@ def _open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
     if job.step_index in stored:
         return _resend_follow_up(job, next(step for step in steps if step.index == job.step_index), stored, rt)
     _check_job_fits(job, steps)
-    if task.status != TaskStatus.RUNNING or _past_budget(job, task, steps):
+    if task.status != TaskStatus.RUNNING or _over_budget(job, task, steps) is not None:
         with session_scope(rt.engine) as session:
             locked = crud.get_task(session=session, task_id=job.task_id, for_update=True)
             if locked is None or lifecycle.is_terminal(locked.status):
@@ -217,32 +217,28 @@ def _check_job_fits(job: StepJob, steps: list[Step]) -> None:
         raise PoisonJob(f"step {job.step_index} of task {job.task_id} must be {expected}, the message asks for {job.role}")
 
 
-def _past_budget(job: StepJob, task: Task, steps: list[Step]) -> bool:
-    """Whether the task is past its deadline, or this planner job past its step limit."""
+def _over_budget(job: StepJob, task: Task, steps: list[Step]) -> EndReason | None:
+    """Why the task must end before this job: its deadline passed, or this planner job is past the step limit."""
     if utcnow() >= task.deadline_at:
-        return True
-    return job.role is StepRole.PLANNER and _planner_steps(steps) >= task.max_steps
-
-
-def _planner_steps(steps: list[Step]) -> int:
-    return sum(1 for step in steps if step.role == StepRole.PLANNER)
+        return EndReason.DEADLINE
+    planner_steps = sum(1 for step in steps if step.role == StepRole.PLANNER)
+    if job.role is StepRole.PLANNER and planner_steps >= task.max_steps:
+        return EndReason.STEP_LIMIT
+    return None
 
 
 def _end_if_over_budget(job: StepJob, task: Task, steps: list[Step]) -> JobOutcome | None:
-    if utcnow() >= task.deadline_at:
-        lifecycle.finish(task, reason=EndReason.DEADLINE, by=Actor.worker(job.role), error="deadline exceeded")
+    reason = _over_budget(job, task, steps)
+    if reason is None:
+        return None
+    if reason is EndReason.DEADLINE:
+        error = "deadline exceeded"
         logger.info("task %s: deadline exceeded at step %d", task.id, job.step_index)
-        return JobOutcome.TASK_ENDED
-    if job.role is StepRole.PLANNER and _planner_steps(steps) >= task.max_steps:
-        lifecycle.finish(
-            task,
-            reason=EndReason.STEP_LIMIT,
-            by=Actor.worker(job.role),
-            error=f"step limit reached: {task.max_steps} planner steps without a conclusion",
-        )
+    else:
+        error = f"step limit reached: {task.max_steps} planner steps without a conclusion"
         logger.info("task %s: step limit %d reached", task.id, task.max_steps)
-        return JobOutcome.TASK_ENDED
-    return None
+    lifecycle.finish(task, reason=reason, by=Actor.worker(job.role), error=error)
+    return JobOutcome.TASK_ENDED
 
 
 def store_step(
