@@ -55,7 +55,7 @@ def _promtool(*args: str, cwd: Path = PROMETHEUS_CONFIG.parent) -> str:
 
 def test_promtool_accepts_the_scrape_configuration_and_the_alert_rules() -> None:
     assert "SUCCESS" in _promtool("check", "config", PROMETHEUS_CONFIG.name)
-    assert "SUCCESS: 4 rules found" in _promtool("check", "rules", RULES.name)
+    assert "SUCCESS: 5 rules found" in _promtool("check", "rules", RULES.name)
 
 
 def test_the_alert_rules_pass_their_promtool_unit_tests() -> None:
