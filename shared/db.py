@@ -24,9 +24,9 @@ __all__ = [
     "POOL_MAX_OVERFLOW",
     "POOL_SIZE",
     "SchemaOutOfDate",
+    "autocommit_scope",
     "ensure_schema_current",
     "get_engine",
-    "read_scope",
     "session_scope",
     "upgrade_schema",
 ]
@@ -92,12 +92,14 @@ def _autocommit(engine: Engine) -> Engine:
 
 
 @contextmanager
-def read_scope(engine: Engine) -> Iterator[Session]:
-    """A session for reads that need neither a lock nor one snapshot across statements.
+def autocommit_scope(engine: Engine) -> Iterator[Session]:
+    """A session whose every statement is its own transaction (autocommit): no ``BEGIN`` and
+    ``COMMIT`` round trips.
 
-    Each statement runs on its own (autocommit), so no ``BEGIN`` and ``COMMIT`` round trips;
-    under PostgreSQL's READ COMMITTED a transaction's statements see separate snapshots
-    anyway. Nothing written here is kept: use :func:`session_scope` to write.
+    For reads that need neither a lock nor one snapshot across statements (under PostgreSQL's
+    READ COMMITTED a transaction's statements see separate snapshots anyway), and for a write
+    that is one statement. A statement's write is committed when it returns, so several writes
+    that must stand or fall together belong in :func:`session_scope`.
     """
     with Session(_autocommit(engine), expire_on_commit=False) as session:
         yield session

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from shared import crud, lifecycle
-from shared.db import get_engine, read_scope, session_scope
+from shared.db import autocommit_scope, get_engine, session_scope
 from shared.dispatch import Dispatcher
 from shared.lifecycle import Actor, EndReason, TaskStatus
 from shared.metrics import StepPhase, observe_stored_step, step_phase
@@ -173,7 +173,7 @@ def open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
 
 
 def _open_step(job: StepJob, rt: Runtime) -> StepContext | JobOutcome:
-    with read_scope(rt.engine) as session:
+    with autocommit_scope(rt.engine) as session:
         task = crud.get_task(session=session, task_id=job.task_id)
         if task is None:
             raise PoisonJob(f"task {job.task_id} does not exist")
@@ -253,7 +253,7 @@ def store_step(
     try:
         with step_phase(job.role.value, StepPhase.STORE):
             if draft.end_reason is None and also is None and rt.engine.dialect.name == "postgresql":
-                with read_scope(rt.engine) as session:  # autocommit: the one statement is the transaction
+                with autocommit_scope(rt.engine) as session:  # the one statement is the transaction
                     stored = crud.append_step_to_active_task(session=session, step=step)
             else:
                 stored = _store_in_transaction(job, draft, step, rt, also)
